@@ -1,0 +1,341 @@
+"""The Parcae looped transformer: prelude -> recurrent block looped T times -> coda.
+
+Reads like `shared/design/parcae-model.md`. Attention goes through an `AttentionContext`, so the
+same modules serve the plain full-sequence forward (training, tests) and the server's KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ParcaeConfig
+
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the normed input
+
+
+class AttentionContext(Protocol):
+    """Where attention reads and writes K/V. `key` names the cache: ("prelude", i),
+    ("core", i, loop) or ("coda", i). q: (B, H, Lq, hd); k, v: (B, Hkv, Lq, hd)."""
+
+    def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """Scaled dot-product attention with grouped K/V heads (fused kernels where available)."""
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+class CausalContext:
+    """No cache: each call sees the whole sequence at once (training, reference, scoring)."""
+
+    def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return sdpa(q, k, v, causal=q.shape[2] > 1)
+
+
+def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
+    """RMSNorm computed in fp32, cast back, then scaled (the reference's order)."""
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    return y if weight is None else y * weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.eps, self.weight)
+
+
+def rope_table(head_dim: int, length: int, base: float, condense: int) -> Tensor:
+    """Complex rotations (length, head_dim/2): pair m turns by pos / base^(2m/head_dim)."""
+    cpu = torch.device("cpu")  # explicit, so a model built on the meta device still gets tables
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim)
+    pos = torch.arange(length, dtype=torch.float64, device=cpu) / condense
+    angles = torch.outer(pos, inv_freq)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate interleaved pairs (2m, 2m+1) in fp32; rot broadcasts over (B, H, L, hd/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot).flatten(-2)
+
+
+NONLINEARITIES = {
+    "ReLU2": lambda x: 0.5 * F.relu(x).square(),
+    "GELU": F.gelu,
+    "SiLU": F.silu,
+    "ReLU": F.relu,
+    "Tanh": torch.tanh,
+}
+
+
+class MLP(nn.Module):
+    """BaseMLP: proj(act(fc(x))). GatedMLP: fc yields (a, b); proj(act(a) * b)."""
+
+    def __init__(self, width: int, hidden: int, cfg: ParcaeConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp_class_name == "GatedMLP"
+        self.act = NONLINEARITIES[cfg.nonlin_name]
+        self.fc = nn.Linear(width, hidden * (2 if self.gated else 1), bias=False)
+        self.proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.gated:
+            a, b = h.chunk(2, dim=-1)
+            return self.proj(self.act(a) * b)
+        return self.proj(self.act(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, kv_heads: int, cfg: ParcaeConfig, ve: bool) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, width // heads
+        self.c_q = nn.Linear(width, heads * self.head_dim, bias=False)
+        self.c_k = nn.Linear(width, kv_heads * self.head_dim, bias=False)
+        self.c_v = nn.Linear(width, kv_heads * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(heads * self.head_dim, width, bias=False)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, kv_heads, bias=False) if ve else None
+        self.qk_norm, self.clip, self.eps = cfg.qk_norm, cfg.clip_qkv, cfg.norm_eps
+
+    def forward(
+        self, x: Tensor, rot: Tensor, ve: Tensor | None, ctx: AttentionContext, key: tuple
+    ) -> Tensor:
+        B, L, _ = x.shape
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(B, L, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        if ve is not None and self.ve_gate is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, L, Hkv)
+            ve = ve.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
+        if self.qk_norm:
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+        y = ctx.attend(key, q.to(x.dtype), k.to(x.dtype), v)
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class Block(nn.Module):
+    def __init__(
+        self, width: int, hidden: int, heads: int, kv_heads: int, cfg: ParcaeConfig, ve: bool
+    ) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(width, cfg.norm_eps)
+        self.attn = Attention(width, heads, kv_heads, cfg, ve)
+        self.norm_2 = RMSNorm(width, cfg.norm_eps)
+        self.mlp = MLP(width, hidden, cfg)
+
+    def forward(
+        self, x: Tensor, rot: Tensor, ve: Tensor | None, ctx: AttentionContext, key: tuple
+    ) -> Tensor:
+        x = x + self.attn(self.norm_1(x), rot, ve, ctx, key)
+        return x + self.mlp(self.norm_2(x))
+
+
+class DiagonalInjection(nn.Module):
+    """u = h * exp(-dt * exp(A_log)) + dt * (e @ B.T), dt = softplus(dt_bias): rho(A_bar) < 1."""
+
+    def __init__(self, d: int, d_rec: int) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.zeros(d_rec))
+        self.dt_bias = nn.Parameter(torch.zeros(d_rec))
+        self.B = nn.Parameter(torch.zeros(d_rec, d))
+
+    def decay(self) -> Tensor:
+        return torch.exp(-F.softplus(self.dt_bias) * torch.exp(self.A_log))
+
+    def prepare(self, e: Tensor) -> Tensor:
+        """The loop-invariant term B_bar e, computed once per token rather than once per loop."""
+        return F.softplus(self.dt_bias) * (e @ self.B.T)
+
+    def forward(self, h: Tensor, prepared: Tensor) -> Tensor:
+        return h * self.decay() + prepared
+
+
+class LinearInjection(nn.Module):
+    """u = W [h; e]; split as W_h h + W_e e so the e half is computed once per token."""
+
+    def __init__(self, d: int, d_rec: int) -> None:
+        super().__init__()
+        self.d_rec = d_rec
+        self.adapter = nn.Linear(d_rec + d, d_rec, bias=False)
+
+    def prepare(self, e: Tensor) -> Tensor:
+        return e @ self.adapter.weight[:, self.d_rec :].T
+
+    def forward(self, h: Tensor, prepared: Tensor) -> Tensor:
+        return h @ self.adapter.weight[:, : self.d_rec].T + prepared
+
+
+class AddInjection(nn.Module):
+    def prepare(self, e: Tensor) -> Tensor:
+        return e
+
+    def forward(self, h: Tensor, prepared: Tensor) -> Tensor:
+        return h + prepared
+
+
+def make_injection(cfg: ParcaeConfig) -> nn.Module:
+    if cfg.injection_type == "diagonal":
+        return DiagonalInjection(cfg.n_embd, cfg.d_rec)
+    if cfg.injection_type == "linear":
+        return LinearInjection(cfg.n_embd, cfg.d_rec)
+    return AddInjection()
+
+
+class Parcae(nn.Module):
+    def __init__(self, cfg: ParcaeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        P, R = cfg.n_layers_in_prelude, cfg.n_layers_in_recurrent_block
+        ve = set(cfg.value_embed_layers)
+        d, d_rec, H, Hkv = cfg.n_embd, cfg.d_rec, cfg.num_attention_heads, cfg.num_key_value_heads
+        hidden, hidden_rec = cfg.intermediate_size, cfg.recurrent_intermediation_embedding_dimension
+        H_rec, Hkv_rec = cfg.recurrent_num_attention_heads, cfg.recurrent_kv_heads
+
+        def blocks(n: int, offset: int, *shape: int) -> nn.ModuleList:
+            return nn.ModuleList(Block(*shape, cfg=cfg, ve=offset + i in ve) for i in range(n))
+
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(cfg.padded_vocab_size, d),
+                "prelude": blocks(P, 0, d, hidden, H, Hkv),
+                "adapter": make_injection(cfg),
+                "core_block": blocks(R, P, d_rec, hidden_rec, H_rec, Hkv_rec),
+                "C": nn.Linear(d_rec, d, bias=False),
+                "coda": blocks(cfg.n_layers_in_coda, P + R, d, hidden, H, Hkv),
+                "ln_f": RMSNorm(d, cfg.norm_eps),
+            }
+        )
+        if cfg.prelude_norm:
+            self.transformer["ln_prelude"] = RMSNorm(d, cfg.norm_eps)
+        widths = {j: self._block(j).attn.kv_heads * self._block(j).attn.head_dim for j in ve}
+        self.value_embeds = nn.ModuleDict(
+            {str(j): nn.Embedding(cfg.padded_vocab_size, w) for j, w in sorted(widths.items())}
+        )
+        self.lm_head = nn.Linear(d, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer["wte"].weight
+        # Rotation tables live outside the state dict and outside `.to(dtype)`: they stay
+        # complex64 (fp32 RoPE) whatever the weights' dtype, and follow the device on first use.
+        base, condense = cfg.rope_settings.rope_base, cfg.rope_settings.rope_condense_ratio
+        self._rope = {
+            hd: rope_table(hd, cfg.block_size, base, condense) for hd in {d // H, d_rec // H_rec}
+        }
+
+    # Layer bookkeeping ------------------------------------------------------------------------
+    def _block(self, j: int) -> Block:
+        P, R = self.cfg.n_layers_in_prelude, self.cfg.n_layers_in_recurrent_block
+        if j < P:
+            return self.transformer["prelude"][j]
+        if j < P + R:
+            return self.transformer["core_block"][j - P]
+        return self.transformer["coda"][j - P - R]
+
+    def rotations(self, positions: Tensor) -> dict[int, Tensor]:
+        """Per head_dim, rotations shaped (B, 1, L, hd/2) for positions (B, L); reused every loop."""
+        out = {}
+        for hd, table in self._rope.items():
+            if table.device != positions.device:
+                table = self._rope[hd] = table.to(positions.device)
+            out[hd] = table[positions].unsqueeze(1)
+        return out
+
+    def _run(
+        self, part: str, offset: int, x: Tensor, ids: Tensor, rots: dict, ctx, loop: int | None
+    ) -> Tensor:
+        for i, block in enumerate(self.transformer[part]):
+            ve_table = self.value_embeds[str(offset + i)] if str(offset + i) in self.value_embeds else None
+            ve = ve_table(ids) if ve_table is not None else None
+            key = (part, i) if loop is None else (part, i, loop)
+            x = block(x, rots[block.attn.head_dim], ve, ctx, key)
+        return x
+
+    # The three parts ---------------------------------------------------------------------------
+    def prelude(self, ids: Tensor, rots: dict, ctx: AttentionContext) -> Tensor:
+        """Token ids (B, L) -> latent e (B, L, d)."""
+        x = self.transformer["wte"](ids) * self.cfg.embedding_scale
+        x = self._run("prelude", 0, x, ids, rots, ctx, None)
+        return self.transformer["ln_prelude"](x) if self.cfg.prelude_norm else x
+
+    def initial_state(
+        self, batch: int, length: int, generators: list[torch.Generator | None], like: Tensor
+    ) -> Tensor:
+        """Random (or zero) h_0 per row, drawn on the CPU from each row's own generator so a
+        seeded request is reproducible whatever shares its batch and whatever the device."""
+        d, kind = self.cfg.d_rec, self.cfg.state_init
+        if kind == "zero":
+            return like.new_zeros(batch, length, d)
+        rows = []
+        for g in generators:
+            t = torch.empty(length, d)
+            if kind == "like-init":
+                std = math.sqrt(2 / (5 * d))
+                nn.init.trunc_normal_(t, 0.0, std, -3 * std, 3 * std, generator=g)
+                t *= self.cfg.embedding_scale
+            else:
+                t.normal_(generator=g)
+                if kind == "embed":
+                    t /= math.sqrt(d)
+                elif kind == "unit":
+                    t = (t - t.mean(-1, keepdim=True)) / t.std(-1, keepdim=True)
+            rows.append(t)
+        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+
+    def core(
+        self, h: Tensor, prepared: Tensor, ids: Tensor, rots: dict, ctx: AttentionContext, loop: int
+    ) -> Tensor:
+        """One loop: h_{t+1} = R(inject(h_t, e))."""
+        u = self.transformer["adapter"](h, prepared)
+        return self._run("core_block", self.cfg.n_layers_in_prelude, u, ids, rots, ctx, loop)
+
+    def coda(self, h: Tensor, ids: Tensor, rots: dict, ctx: AttentionContext) -> Tensor:
+        """Final state (B, L, d_rec) -> logits over the real vocabulary, fp32."""
+        y = self.transformer["C"](h)
+        offset = self.cfg.n_layers_in_prelude + self.cfg.n_layers_in_recurrent_block
+        y = self.transformer["ln_f"](self._run("coda", offset, y, ids, rots, ctx, None))
+        return self.head(y)
+
+    def head(self, y: Tensor) -> Tensor:
+        logits = self.lm_head(y).float()[..., : self.cfg.vocab_size] * self.cfg.logit_scale
+        if self.cfg.logit_softcap:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(
+        self,
+        ids: Tensor,
+        depth: int,
+        generator: torch.Generator | None = None,
+        backprop_depth: int | None = None,
+    ) -> Tensor:
+        """Whole-sequence forward at recurrence depth T = `depth`; logits (B, L, vocab).
+        With `backprop_depth`, only the last that many loops are differentiated (training)."""
+        B, L = ids.shape
+        positions = torch.arange(L, device=ids.device).expand(B, L)
+        rots, ctx = self.rotations(positions), CausalContext()
+        e = self.prelude(ids, rots, ctx)
+        prepared = self.transformer["adapter"].prepare(e)
+        h = self.initial_state(B, L, [generator] * B, e)
+        no_grad_loops = depth - backprop_depth if backprop_depth else 0
+        for t in range(depth):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad_loops):
+                h = self.core(h, prepared, ids, rots, ctx, t)
+        return self.coda(h, ids, rots, ctx)

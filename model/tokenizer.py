@@ -1,0 +1,87 @@
+"""Text <-> token ids at the edge: a `tokenizers` BPE plus BOS/EOS and streaming detokenisation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+BOS_NAMES = ("<|bos|>", "<s>", "<|begin_of_text|>", "<bos>")
+EOS_NAMES = ("<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, bos_id: int | None, eos_id: int | None) -> None:
+        self.tok, self.bos_id, self.eos_id = tok, bos_id, eos_id
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> Tokenizer:
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no tokenizer.json in {directory}")
+        tok = HFTokenizer.from_file(str(path))
+        named = _special_tokens(directory)
+        bos = _find(tok, [named.get("bos_token"), *BOS_NAMES])
+        eos = _find(tok, [named.get("eos_token"), *EOS_NAMES])
+        return cls(tok, bos, eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as OpenAI's logprobs show it (may be a partial UTF-8 character)."""
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+
+def _special_tokens(directory: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.exists():
+            for key, value in json.loads(path.read_text()).items():
+                if key in ("bos_token", "eos_token"):
+                    text = value.get("content") if isinstance(value, dict) else value
+                    if isinstance(text, str):
+                        out.setdefault(key, text)
+    return out
+
+
+def _find(tok: HFTokenizer, names: list[str | None]) -> int | None:
+    for name in names:
+        if name is not None and (token_id := tok.token_to_id(name)) is not None:
+            return token_id
+    return None
+
+
+class IncrementalDecoder:
+    """Turns a growing list of ids into text deltas without splitting multi-byte characters:
+    text is emitted only once it no longer ends in a replacement character."""
+
+    def __init__(self, tokenizer: Tokenizer, ids: list[int] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(ids or [])
+        self.prefix_offset = len(self.ids)
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta

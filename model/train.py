@@ -1,0 +1,240 @@
+"""Train the built-in Parcae on the running interpreter's own standard library, on the CPU.
+
+    python -m model.train --minutes 60 --out model/builtin/parcae-stdlib
+
+Corpus: every `.py` file of the stdlib (no site-packages), split by file into train / held-out.
+Tokenizer: byte-level BPE trained on the train split. Depth sampling as in the paper: each step
+draws a total depth T ~ Poisson(mean_recurrence) (>= 1) and differentiates only the last
+`mean_backprop_depth` loops. The learning-rate schedule runs on wall-clock time, so the run ends
+on time whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from model.config import ParcaeConfig
+from model.depth_curve import fit_saturating_law
+from model.loading import save_checkpoint
+from model.parcae import Parcae
+from model.tokenizer import Tokenizer
+
+SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>"]  # ids 0 / 1 / 2, as the released tokenizer reports
+
+
+@dataclass
+class TrainSettings:
+    out: Path
+    minutes: float = 60.0
+    vocab: int = 4096
+    d: int = 256
+    heads: int = 4
+    prelude: int = 1
+    recurrent: int = 2
+    coda: int = 1
+    mu_rec: int = 6
+    backprop_depth: int = 3
+    max_depth: int = 16
+    seq: int = 256
+    batch: int = 16
+    lr: float = 2e-3
+    heldout_fraction: float = 0.05
+    eval_tokens: int = 32_768
+    seed: int = 0
+    threads: int = 2
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def is_heldout(path: Path, fraction: float) -> bool:
+    """A stable per-file split: the same files are held out on every machine."""
+    digest = hashlib.sha256(path.name.encode() + str(path.parent.name).encode()).digest()
+    return digest[0] / 256 < fraction
+
+
+def read_texts(paths: list[Path]) -> list[str]:
+    return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+
+
+def train_tokenizer(texts: list[str], vocab: int) -> HFTokenizer:
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def encode_corpus(tok: Tokenizer, texts: list[str]) -> torch.Tensor:
+    """Documents joined as BOS text EOS, matching how the server prompts (BOS first)."""
+    ids: list[int] = []
+    for enc in tok.tok.encode_batch(texts, add_special_tokens=False):
+        ids += [tok.bos_id, *enc.ids, tok.eos_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def model_config(s: TrainSettings, vocab_size: int) -> ParcaeConfig:
+    n_layers = s.prelude + s.recurrent + s.coda
+    return ParcaeConfig(
+        block_size=max(1024, s.seq),
+        vocab_size=vocab_size,
+        padding_multiple=64,
+        n_embd=s.d,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        intermediate_size=4 * s.d,
+        n_layers_in_prelude=s.prelude,
+        n_layers_in_recurrent_block=s.recurrent,
+        n_layers_in_coda=s.coda,
+        mean_recurrence=s.mu_rec,
+        mean_backprop_depth=s.backprop_depth,
+        value_embed_layers=list(range(n_layers)),
+    )
+
+
+def init_weights(model: Parcae, seed: int) -> None:
+    """Small normal init, zero output projections (the residual stream starts as identity)."""
+    g = torch.Generator().manual_seed(seed)
+    d = model.cfg.n_embd
+    for name, p in model.named_parameters():
+        if name.endswith(("c_proj.weight", "mlp.proj.weight")):
+            torch.nn.init.zeros_(p)
+        elif name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or "ln_" in name:
+            torch.nn.init.ones_(p)
+        elif name.endswith("A_log"):
+            p.data.copy_(torch.log(torch.empty_like(p).uniform_(1, 16, generator=g)))
+        elif name.endswith("dt_bias"):
+            dt = torch.exp(torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1), generator=g))
+            p.data.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        elif name.endswith("ve_gate.weight"):
+            torch.nn.init.zeros_(p)
+        else:
+            torch.nn.init.normal_(p, 0.0, 1.0 / math.sqrt(d) if p.dim() > 1 else 0.02, generator=g)
+
+
+def sample_depth(mu: int, cap: int, g: torch.Generator) -> int:
+    total = int(torch.poisson(torch.tensor([float(mu)]), generator=g).item())
+    return max(1, min(total, cap))
+
+
+@torch.no_grad()
+def heldout_loss(model: Parcae, data: torch.Tensor, depth: int, seq: int, tokens: int) -> float:
+    """Mean next-token NLL over the first `tokens` held-out tokens, fixed seed for h_0."""
+    model.eval()
+    n = min(tokens // seq, (len(data) - 1) // seq)
+    x = data[: n * seq].view(n, seq)
+    y = data[1 : n * seq + 1].view(n, seq)
+    g = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for i in range(0, n, 16):
+        logits = model(x[i : i + 16], depth, g)
+        total += F.cross_entropy(logits.flatten(0, 1), y[i : i + 16].flatten(), reduction="sum").item()
+    model.train()
+    return total / (n * seq)
+
+
+def lr_at(frac: float, peak: float) -> float:
+    warm = 0.03
+    if frac < warm:
+        return peak * frac / warm
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm)))))
+
+
+def train(s: TrainSettings) -> None:
+    torch.manual_seed(s.seed)
+    torch.set_num_threads(s.threads)
+    files = stdlib_files()
+    train_files = [p for p in files if not is_heldout(p, s.heldout_fraction)]
+    held_files = [p for p in files if is_heldout(p, s.heldout_fraction)]
+    train_texts, held_texts = read_texts(train_files), read_texts(held_files)
+    log(f"corpus: {len(train_files)} train files, {len(held_files)} held-out files")
+
+    s.out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(train_texts, s.vocab).save(str(s.out / "tokenizer.json"))
+    tok = Tokenizer.from_dir(s.out)
+    train_ids, held_ids = encode_corpus(tok, train_texts), encode_corpus(tok, held_texts)
+    log(f"tokens: {len(train_ids):,} train, {len(held_ids):,} held-out")
+
+    cfg = model_config(s, tok.vocab_size)
+    model = Parcae(cfg)
+    init_weights(model, s.seed)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(s.seed)
+    start, step, seen, curve = time.time(), 0, 0, []
+    budget = s.minutes * 60
+    while (elapsed := time.time() - start) < budget:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(elapsed / budget, s.lr)
+        starts = torch.randint(0, len(train_ids) - s.seq - 1, (s.batch,), generator=g)
+        x = torch.stack([train_ids[i : i + s.seq] for i in starts])
+        y = torch.stack([train_ids[i + 1 : i + s.seq + 1] for i in starts])
+        depth = sample_depth(s.mu_rec, s.max_depth, g)
+        logits = model(x, depth, g, backprop_depth=s.backprop_depth)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step, seen = step + 1, seen + x.numel()
+        if step % 50 == 0:
+            log(f"step {step} tokens {seen:,} T={depth} loss {loss.item():.4f} {elapsed / 60:.1f} min")
+        if step % 500 == 0:
+            pair = {t: heldout_loss(model, held_ids, t, s.seq, 8192) for t in (1, s.mu_rec)}
+            curve.append({"step": step, "tokens": seen, **{f"T{t}": v for t, v in pair.items()}})
+            log(f"held-out (8k tokens) {pair}")
+
+    depths = sorted({1, 2, 4, s.mu_rec, 2 * s.mu_rec, 4 * s.mu_rec})
+    table = {t: heldout_loss(model, held_ids, t, s.seq, s.eval_tokens) for t in depths}
+    log(f"held-out loss by depth: {table}")
+    save_checkpoint(model, s.out, dtype=torch.bfloat16)
+    report = {
+        "steps": step,
+        "train_tokens": seen,
+        "minutes": round((time.time() - start) / 60, 1),
+        "train_files": len(train_files),
+        "heldout_files": len(held_files),
+        "heldout_tokens": min(s.eval_tokens, len(held_ids)),
+        "loss_by_depth": {str(t): round(v, 4) for t, v in table.items()},
+        "fit": fit_saturating_law(list(table), list(table.values())),
+        "curve_during_training": curve,
+        "settings": {k: str(v) for k, v in vars(s).items()},
+    }
+    (s.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    log("saved", s.out)
+
+
+def log(*args: object) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    defaults = TrainSettings(out=Path("model/builtin/parcae-stdlib"))
+    for name, value in vars(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    train(TrainSettings(**vars(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
