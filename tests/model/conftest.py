@@ -1,0 +1,77 @@
+import torch
+
+from model.config import ParcaeConfig
+from model.parcae import Parcae
+
+
+def random_model(cfg: ParcaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Parcae:
+    """A tiny model whose every parameter is random (no zero or identity shortcuts)."""
+    torch.manual_seed(seed)
+    model = Parcae(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("A_log", "dt_bias")):
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 0.5 / p.shape[-1] ** 0.5)
+    return model.to(dtype).eval()
+
+
+def reference_cfg(cfg: ParcaeConfig) -> dict:
+    """The few facts the plain reference needs, spelled out from the config."""
+    return {
+        "P": cfg.n_layers_in_prelude,
+        "R": cfg.n_layers_in_recurrent_block,
+        "C": cfg.n_layers_in_coda,
+        "norm_eps": cfg.norm_eps,
+        "rope_base": cfg.rope_settings.rope_base,
+        "nonlin_name": cfg.nonlin_name,
+        "mlp_class_name": cfg.mlp_class_name,
+        "injection_type": cfg.injection_type,
+        "logit_softcap": cfg.logit_softcap,
+        "vocab_size": cfg.vocab_size,
+        "heads": {
+            "prelude": cfg.num_attention_heads,
+            "coda": cfg.num_attention_heads,
+            "core_block": cfg.recurrent_num_attention_heads,
+        },
+        "kv_heads": {
+            "prelude": cfg.num_key_value_heads,
+            "coda": cfg.num_key_value_heads,
+            "core_block": cfg.recurrent_kv_heads,
+        },
+    }
+
+
+CONFIGS = {
+    "mha-diagonal-relu2-ve": ParcaeConfig(
+        n_embd=64, num_attention_heads=4, vocab_size=100, value_embed_layers=[0, 2, 3]
+    ),
+    "gqa-linear-gated-silu-wide-core": ParcaeConfig(
+        n_embd=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        recurrent_embedding_dimension=96,
+        injection_type="linear",
+        mlp_class_name="GatedMLP",
+        nonlin_name="SiLU",
+        logit_softcap=30.0,
+        vocab_size=90,
+        n_layers_in_prelude=2,
+        n_layers_in_coda=2,
+        value_embed_layers=[1, 2, 3, 5],
+        state_init="normal",
+    ),
+    "add-gelu-deep-prelude": ParcaeConfig(
+        n_embd=32,
+        num_attention_heads=2,
+        injection_type="add",
+        nonlin_name="GELU",
+        n_layers_in_prelude=2,
+        n_layers_in_recurrent_block=1,
+        vocab_size=70,
+        state_init="embed",
+    ),
+}
