@@ -1,0 +1,284 @@
+"""The engine: one thread owns the model and runs continuous depth batching.
+
+Each step: admit waiting sequences, start prefill chunks and decode tokens (prelude), run
+recurrent loops for every in-flight group until at least one group is done, finish those
+(coda, sampling) and hand their outputs to per-request queues. HTTP handlers only submit and
+read; `generate_sync` gives tests and benchmarks the same engine without HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from model.parcae import Parcae
+from server.kv_cache import KVCache, LoopSlotPolicy
+from server.metrics import Metrics
+from server.runner import InFlight, ModelRunner
+from server.sampling import SampleRow, prompt_scores, sample
+from server.scheduler import QueueFull, Scheduler, SchedulerConfig, Work
+from server.sequence import EngineRequest, Sequence, StepOutput
+
+__all__ = ["Engine", "EngineConfig", "QueueFull"]
+
+
+@dataclass
+class EngineConfig:
+    scheduler: SchedulerConfig
+    kv_policy: str = "per-loop"
+    kv_cache_bytes: int = 256 * 2**20
+    block_size: int = 16
+    max_depth: int = 64
+    eos_id: int | None = None
+
+
+class Engine:
+    def __init__(self, model: Parcae, config: EngineConfig, metrics: Metrics | None = None) -> None:
+        self.model, self.config = model, config
+        self.metrics = metrics or Metrics()
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        self.cache = KVCache(
+            model.cfg,
+            LoopSlotPolicy.parse(config.kv_policy),
+            config.kv_cache_bytes,
+            typical_depth=model.cfg.mean_recurrence,
+            block_size=config.block_size,
+            device=device,
+            dtype=dtype,
+        )
+        self.scheduler = Scheduler(config.scheduler, self.cache)
+        self.runner = ModelRunner(model, self.cache)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.pool: list[InFlight] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.pending = 0  # submitted and not yet finished (read by /health drain)
+        self._prefix_seen = (0, 0)
+
+    # Lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="parcae-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                busy = self.step()
+            except Exception as err:  # a bug must fail requests, not kill the server
+                self._fail_all(f"engine error: {err!r}")
+                busy = False
+            if not busy:
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()
+
+    # Submission (any thread) ------------------------------------------------------------------
+    def capacity_tokens(self, depth: int) -> int:
+        """Most positions one depth-T sequence can ever hold in the cache."""
+        per_bundle = self.cache.bundle_bytes(self.cache.policy.num_slots(depth))
+        return self.cache.capacity_bytes // per_bundle * self.cache.block_size - 1
+
+    def submit(self, request: EngineRequest, emit: Callable[[StepOutput], None]) -> Sequence:
+        if len(self.scheduler.waiting) + self.inbox.qsize() >= self.config.scheduler.max_queue:
+            raise QueueFull
+        seq = Sequence(request, emit)
+        self.pending += 1
+        self.inbox.put(("add", seq))
+        self.wake.set()
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        self.inbox.put(("abort", seq))
+        self.wake.set()
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+        """Submit and yield outputs; leaving early (client gone) aborts the sequence."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        seq = self.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not finished:
+                self.abort(seq)
+
+    def generate_sync(self, request: EngineRequest, timeout: float = 120) -> list[StepOutput]:
+        """Blocking helper for tests and benchmarks (the engine thread must be running)."""
+        outputs: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
+        self.submit(request, outputs.put)
+        result, deadline = [], time.monotonic() + timeout
+        while not result or result[-1].finish_reason is None:
+            result.append(outputs.get(timeout=max(0.0, deadline - time.monotonic())))
+        return result
+
+    # The step (engine thread) ------------------------------------------------------------------
+    def step(self) -> bool:
+        self._drain_inbox()
+        sched = self.scheduler
+        for seq in sched.admit(self._namespace):
+            self.metrics.queue_time.observe(seq.admitted_at - seq.arrival)
+        work = sched.plan()
+        if work:
+            groups = [self._in_flight(w) for w in work]
+            self.runner.prelude(groups)
+            self.pool.extend(groups)
+        self._observe_gauges()
+        if not self.pool:
+            return bool(sched.waiting and sched.running)
+        while True:
+            looping = [g for g in self.pool if not g.done]
+            if looping:
+                self.runner.loop(looping)
+                self.metrics.batch.observe(sum(int(g.active.sum()) for g in looping))
+            done = [g for g in self.pool if g.done]
+            if done:
+                break
+        self.pool = [g for g in self.pool if not g.done]
+        self._finish(done, self.runner.coda(done))
+        return True
+
+    def _in_flight(self, w: Work) -> InFlight:
+        device = self.runner.device
+        ids = torch.tensor(w.seq.tokens[w.start : w.end], device=device)
+        return InFlight(w.seq, torch.arange(w.start, w.end), ids, w.seq.request.loops.depth)
+
+    def _finish(self, groups: list[InFlight], logits: torch.Tensor) -> None:
+        rows, to_sample, offset = [], [], 0
+        for g in groups:
+            n = len(g.positions)
+            seq, end = g.seq, int(g.positions[-1]) + 1
+            seq.in_flight, seq.computed = False, end
+            used = g.loops_used.tolist()
+            self._account(used, g.exits)
+            if seq.request.loops.warm_start:
+                seq.last_h = g.h[-1:].clone()
+            if end <= seq.num_prompt:
+                seq.prompt_depths += used
+                self._score_prompt(seq, logits[offset : offset + n], int(g.positions[0]))
+                self.cache.publish_prefix(seq.table, seq.tokens[: seq.num_prompt], end)
+            if end == len(seq.tokens) and not seq.finished:
+                if seq.request.sampling.max_tokens == 0:
+                    self._complete(seq, StepOutput(finish_reason="length"))
+                else:
+                    rows.append(logits[offset + n - 1])
+                    to_sample.append((seq, used[-1]))
+            offset += n
+        if to_sample:
+            self._emit_samples(torch.stack(rows), to_sample)
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        k = seq.request.sampling.prompt_logprobs
+        if k is None:
+            return
+        targets = seq.tokens[start + 1 : start + 1 + len(logits)]
+        if targets:
+            logprobs = torch.log_softmax(logits[: len(targets)], -1)
+            seq.prompt_scores += prompt_scores(logprobs, targets, k)
+
+    def _emit_samples(self, logits: torch.Tensor, items: list[tuple[Sequence, int]]) -> None:
+        eos = self.config.eos_id
+        rows = []
+        for seq, _ in items:
+            p = seq.request.sampling
+            banned = []
+            if len(seq.output) < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([eos] if eos is not None and not p.ignore_eos else [])
+            rows.append(SampleRow(p, seq.sample_gen, seq.tokens[: seq.num_prompt], seq.output, banned))
+        now = time.monotonic()
+        for (seq, depth), s in zip(items, sample(logits, rows), strict=True):
+            p = seq.request.sampling
+            seq.tokens.append(s.token)
+            seq.depths.append(depth)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self.metrics.ttft.observe(now - seq.arrival)
+            seq.last_token_at = now
+            reason = None
+            if (s.token == eos and not p.ignore_eos) or s.token in p.stop_token_ids:
+                reason = "stop"
+            elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.config.scheduler.max_context:
+                reason = "length"
+            out = StepOutput(s.token, s.logprob, s.top, depth, finish_reason=reason)
+            if len(seq.output) == 1 and seq.request.sampling.prompt_logprobs is not None:
+                out.prompt_scores, out.prompt_depths = seq.prompt_scores, seq.prompt_depths
+            if reason:
+                self._complete(seq, out)
+            else:
+                seq.emit(out)
+        self.metrics.generation_tokens.inc(len(items))
+
+    def _account(self, loops: list[int], exits: int) -> None:
+        self.metrics.loops.inc(sum(loops))
+        for depth in loops:
+            self.metrics.depth.observe(depth)
+        if exits:
+            self.metrics.early_exits.inc(exits)
+
+    def _complete(self, seq: Sequence, out: StepOutput) -> None:
+        if out.prompt_scores is None and seq.request.sampling.prompt_logprobs is not None:
+            out.prompt_scores, out.prompt_depths = seq.prompt_scores, seq.prompt_depths
+        seq.finished = True
+        self.scheduler.retire(seq)
+        self.pending -= 1
+        self.metrics.requests.labels(out.finish_reason).inc()
+        self.metrics.e2e.observe(time.monotonic() - seq.arrival)
+        if seq.first_token_at is not None and len(seq.output) > 1:
+            tpot = (seq.last_token_at - seq.first_token_at) / (len(seq.output) - 1)
+            self.metrics.tpot.observe(tpot)
+        seq.emit(out)
+
+    # Inbox, aborts, gauges -----------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while not self.inbox.empty():
+            kind, seq = self.inbox.get_nowait()
+            if kind == "add":
+                self.metrics.prompt_tokens.inc(seq.num_prompt)
+                self.scheduler.waiting.append(seq)
+            elif not seq.finished:
+                self.pool = [g for g in self.pool if g.seq is not seq]
+                seq.in_flight = False
+                self._complete(seq, StepOutput(finish_reason="abort"))
+
+    def _fail_all(self, message: str) -> None:
+        self.pool = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            seq.in_flight = False
+            self._complete(seq, StepOutput(finish_reason="error", error=message))
+
+    def _namespace(self, seq: Sequence) -> bytes:
+        """Prefix blocks are shared only between requests whose K/V would be identical."""
+        loops = seq.request.loops
+        seeded = self.model.cfg.state_init != "zero" and seq.request.sampling.seed is not None
+        key = f"{loops.depth}|{self.cache.policy}|{loops.exit}|{loops.warm_start}|"
+        key += f"{seq.noise_seed}" if seeded else "-"
+        return hashlib.sha256(key.encode()).digest()
+
+    def _observe_gauges(self) -> None:
+        m, s, c = self.metrics, self.scheduler, self.cache
+        m.running.set(len(s.running))
+        m.waiting.set(len(s.waiting))
+        used = c.used_bytes
+        m.kv_bytes.set(used)
+        m.kv_usage.set(used / c.capacity_bytes)
+        seen = (c.prefix_queries, c.prefix_hits)
+        m.prefix_queries.inc(seen[0] - self._prefix_seen[0])
+        m.prefix_hits.inc(seen[1] - self._prefix_seen[1])
+        self._prefix_seen = seen

@@ -1,0 +1,84 @@
+"""Attention that writes and reads K/V through block tables (implements model's AttentionContext).
+
+The tokens of one engine stage are flattened into one row (1, N, d), so every projection and MLP
+is a single matmul. Attention then splits them into *groups* (the tokens one sequence brings to
+this stage): single-token decode groups come first and run as one batched, masked SDPA; prefill
+chunks run one SDPA each. K/V rows are gathered with one index per layer from the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from model.parcae import sdpa
+from server.kv_cache import BlockTable, KVCache
+
+
+@dataclass
+class AttentionGroup:
+    table: BlockTable
+    positions: Tensor  # (n,) ascending token positions, CPU long
+    slot: int = 0  # recurrent loop slot (ignored by prelude / coda layers)
+
+
+class PagedAttention:
+    def __init__(
+        self, cache: KVCache, groups: list[AttentionGroup], recurrent: bool, n_prelude: int
+    ) -> None:
+        self.cache, self.recurrent, self.n_prelude = cache, recurrent, n_prelude
+        device = cache.outer_k.device
+        rows = [self._rows(g) for g in groups]
+        self.write_rows = torch.cat([r[g.positions] for r, g in zip(rows, groups, strict=True)])
+        self.write_rows = self.write_rows.to(device)
+        n_dec = 0
+        while n_dec < len(groups) and len(groups[n_dec].positions) == 1:
+            n_dec += 1
+        self.n_dec = n_dec
+        if n_dec:
+            lengths = torch.tensor([int(g.positions[0]) + 1 for g in groups[:n_dec]])
+            self.dec_rows = pad_sequence(
+                [r[:n] for r, n in zip(rows, lengths.tolist(), strict=False)], batch_first=True
+            ).to(device)
+            keys = torch.arange(self.dec_rows.shape[1])
+            self.dec_mask = (keys[None, :] < lengths[:, None])[:, None, None, :].to(device)
+        self.prefill = []
+        offset = n_dec
+        for r, g in zip(rows[n_dec:], groups[n_dec:], strict=True):
+            n, length = len(g.positions), int(g.positions[-1]) + 1
+            mask = torch.arange(length)[None, :] <= g.positions[:, None]
+            self.prefill.append((offset, n, r[:length].to(device), mask.to(device)))
+            offset += n
+
+    def _rows(self, group: AttentionGroup) -> Tensor:
+        if self.recurrent:
+            return group.table.rec_index()[group.slot]
+        return group.table.outer_index()
+
+    def _pool(self, key: tuple) -> tuple[Tensor, Tensor]:
+        part, i = key[0], key[1]
+        if part == "core_block":
+            return self.cache.rec_k[i], self.cache.rec_v[i]
+        layer = i if part == "prelude" else self.n_prelude + i
+        return self.cache.outer_k[layer], self.cache.outer_v[layer]
+
+    def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        pool_k, pool_v = self._pool(key)
+        pool_k.index_copy_(0, self.write_rows, k[0].transpose(0, 1))
+        pool_v.index_copy_(0, self.write_rows, v[0].transpose(0, 1))
+        outs = []
+        if self.n_dec:
+            qd = q[0, :, : self.n_dec].transpose(0, 1).unsqueeze(2)  # (B, H, 1, hd)
+            kd = pool_k[self.dec_rows].transpose(1, 2)  # (B, Hkv, L, hd)
+            vd = pool_v[self.dec_rows].transpose(1, 2)
+            od = sdpa(qd, kd, vd, mask=self.dec_mask)
+            outs.append(od.squeeze(2).transpose(0, 1).unsqueeze(0))
+        for offset, n, rows, mask in self.prefill:
+            qp = q[:, :, offset : offset + n]
+            kp = pool_k[rows].transpose(0, 1).unsqueeze(0)
+            vp = pool_v[rows].transpose(0, 1).unsqueeze(0)
+            outs.append(sdpa(qp, kp, vp, mask=mask))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -1,0 +1,166 @@
+"""Runs the model's three parts on flattened batches of in-flight token groups.
+
+A group is the tokens one sequence brings to the recurrent block at once: a prefill chunk or one
+decode token. Each group loops at its own pace (its own depth, its own loop index, its own exit
+rule), so groups of different depths share every recurrent matmul and a shallow group leaves the
+batch as soon as it is done (continuous depth batching). Inside a group, each token may exit on
+its own; an exited token costs no more compute and writes no more K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model.parcae import Parcae
+from server.kv_cache import KVCache
+from server.paged_attention import AttentionGroup, PagedAttention
+from server.sequence import Sequence
+
+NOISE_STRIDE = 1_000_003  # seed * stride + position: per-position h_0 noise streams
+
+
+@dataclass
+class InFlight:
+    seq: Sequence
+    positions: Tensor  # (n,) long
+    ids: Tensor  # (n,) long, on device
+    depth: int
+    prepared: Tensor | None = None  # loop-invariant injection term (n, d_rec)
+    h: Tensor | None = None  # (n, d_rec)
+    loop: int = 0  # loops completed
+    active: Tensor | None = None  # (n,) bool: still looping
+    loops_used: Tensor | None = None  # (n,) long
+    prev_logprobs: Tensor | None = None  # (n, V): last loop's distribution (kl criterion)
+    exits: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.loop >= self.depth or not bool(self.active.any())
+
+
+class ModelRunner:
+    def __init__(self, model: Parcae, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.n_prelude = model.cfg.n_layers_in_prelude
+
+    # Stage A -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prelude(self, groups: list[InFlight]) -> None:
+        """Embed + prelude + injection term + initial state for newly started groups."""
+        ids, positions = self._flat(groups)
+        ctx = self._ctx(groups, recurrent=False)
+        e = self.model.prelude(ids, self.model.rotations(positions), ctx)
+        prepared = self.model.transformer["adapter"].prepare(e)[0]
+        offset = 0
+        for g in groups:
+            n = len(g.positions)
+            g.prepared = prepared[offset : offset + n]
+            g.h = self._initial_state(g, e)
+            g.active = torch.ones(n, dtype=torch.bool)
+            g.loops_used = torch.zeros(n, dtype=torch.long)
+            offset += n
+
+    def _initial_state(self, g: InFlight, like: Tensor) -> Tensor:
+        seq = g.seq
+        if g.seq.request.loops.warm_start and seq.last_h is not None and len(g.positions) == 1:
+            return seq.last_h.clone()
+        if self.model.cfg.state_init == "zero":
+            return like.new_zeros(len(g.positions), self.model.cfg.d_rec)
+        rows = []
+        for p in g.positions.tolist():  # per-position streams: chunking and prefix hits don't matter
+            seq.state_gen.manual_seed(seq.noise_seed * NOISE_STRIDE + p)
+            rows.append(self.model.initial_state(1, 1, [seq.state_gen], like)[0, 0])
+        return torch.stack(rows)
+
+    # Stage B -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def loop(self, groups: list[InFlight]) -> None:
+        """One loop for every still-active token of every group."""
+        parts = [self._active(g) for g in groups]
+        h = torch.cat([g.h[idx] for g, idx in zip(groups, parts, strict=True)]).unsqueeze(0)
+        prepared = torch.cat([g.prepared[idx] for g, idx in zip(groups, parts, strict=True)])
+        ids = torch.cat([g.ids[idx] for g, idx in zip(groups, parts, strict=True)]).unsqueeze(0)
+        positions = torch.cat([g.positions[idx] for g, idx in zip(groups, parts, strict=True)])
+        sub = [
+            AttentionGroup(g.seq.table, g.positions[idx], self.cache.policy.slot(g.loop, g.depth))
+            for g, idx in zip(groups, parts, strict=True)
+        ]
+        ctx = PagedAttention(self.cache, sub, recurrent=True, n_prelude=self.n_prelude)
+        rots = self.model.rotations(positions.to(self.device).unsqueeze(0))
+        new_h = self.model.core(h, prepared.unsqueeze(0), ids, rots, ctx, loop=0)[0]
+        offset = 0
+        for g, idx in zip(groups, parts, strict=True):
+            n = len(idx)
+            out = new_h[offset : offset + n]
+            offset += n
+            exited = self._exits(g, idx, g.h[idx], out)
+            g.h[idx] = out
+            g.loops_used[idx] += 1
+            g.loop += 1
+            if exited is not None and bool(exited.any()):
+                gone = idx[exited]
+                g.active[gone] = False
+                g.exits += len(gone)
+                if g.loop < g.depth:
+                    self.cache.fill_skipped(g.seq.table, g.positions[gone], g.loop - 1)
+
+    @staticmethod
+    def _active(g: InFlight) -> Tensor:
+        return g.active.nonzero().squeeze(1)
+
+    def _exits(self, g: InFlight, idx: Tensor, before: Tensor, after: Tensor) -> Tensor | None:
+        """Which of the active tokens `idx` stop after this loop (None: none can yet)."""
+        rule = g.seq.request.loops.exit
+        if rule is None:
+            return None
+        ran = g.loop + 1  # every active token of a group has run the same number of loops
+        if rule.criterion == "residual":
+            if ran < rule.min_depth:
+                return None
+            delta = (after - before).float().norm(dim=-1)
+            return (delta / after.float().norm(dim=-1).clamp_min(1e-12) < rule.threshold).cpu()
+        if ran + 1 < rule.min_depth:
+            return None  # the first comparison that may exit needs this loop's distribution next
+        logprobs = self._probe_logprobs(g, idx, after)
+        if g.prev_logprobs is None:
+            g.prev_logprobs = logprobs.new_empty(len(g.positions), logprobs.shape[-1])
+        prev = g.prev_logprobs[idx]
+        g.prev_logprobs[idx] = logprobs
+        if ran < max(rule.min_depth, 2):
+            return None
+        kl = (logprobs.exp() * (logprobs - prev)).sum(-1).clamp_min(0)  # KL(p_t || p_{t-1})
+        return (kl < rule.threshold).cpu()
+
+    def _probe_logprobs(self, g: InFlight, idx: Tensor, h: Tensor) -> Tensor:
+        """The coda's output distribution for the loop just run (writes coda K/V that the final
+        coda pass overwrites at the same positions)."""
+        ctx = PagedAttention(
+            self.cache, [AttentionGroup(g.seq.table, g.positions[idx])], False, self.n_prelude
+        )
+        rots = self.model.rotations(g.positions[idx].to(self.device).unsqueeze(0))
+        logits = self.model.coda(h.unsqueeze(0), g.ids[idx].unsqueeze(0), rots, ctx)[0]
+        return torch.log_softmax(logits, -1)
+
+    # Stage C -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def coda(self, groups: list[InFlight]) -> Tensor:
+        """Final states -> fp32 logits (N, V) of every token of the groups, in order."""
+        ids, positions = self._flat(groups)
+        h = torch.cat([g.h for g in groups]).unsqueeze(0)
+        ctx = self._ctx(groups, recurrent=False)
+        return self.model.coda(h, ids, self.model.rotations(positions), ctx)[0]
+
+    # Helpers -------------------------------------------------------------------------------
+    def _flat(self, groups: list[InFlight]) -> tuple[Tensor, Tensor]:
+        ids = torch.cat([g.ids for g in groups]).unsqueeze(0)
+        positions = torch.cat([g.positions for g in groups]).to(self.device).unsqueeze(0)
+        return ids, positions
+
+    def _ctx(self, groups: list[InFlight], recurrent: bool) -> PagedAttention:
+        sub = [AttentionGroup(g.seq.table, g.positions) for g in groups]
+        return PagedAttention(self.cache, sub, recurrent=recurrent, n_prelude=self.n_prelude)

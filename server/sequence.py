@@ -1,0 +1,88 @@
+"""What the engine knows of a request: token ids in, token events out (no text, no HTTP)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from server.kv_cache import BlockTable
+from server.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class RecurrenceExit:
+    """Stop a token's loops once successive loops differ by less than `threshold`."""
+
+    criterion: str  # "kl" | "residual"
+    threshold: float
+    min_depth: int = 1
+
+
+@dataclass(frozen=True)
+class LoopParams:
+    depth: int
+    exit: RecurrenceExit | None = None
+    warm_start: bool = False
+
+
+@dataclass
+class EngineRequest:
+    prompt: list[int]
+    sampling: SamplingParams
+    loops: LoopParams
+
+
+@dataclass
+class StepOutput:
+    """One event for one sequence: a sampled token, and/or the prompt's scores, and/or the end."""
+
+    token: int | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+    depth: int = 0
+    prompt_scores: list[tuple[float, list[tuple[int, float]]]] | None = None
+    prompt_depths: list[int] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+
+
+class Sequence:
+    def __init__(self, request: EngineRequest, emit: Callable[[StepOutput], None]) -> None:
+        self.id = next(_ids)
+        self.request, self.emit = request, emit
+        self.tokens = list(request.prompt)
+        self.num_prompt = len(request.prompt)
+        seed = request.sampling.seed
+        seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self.noise_seed = seed
+        self.state_gen = torch.Generator()  # h_0 noise, re-seeded per position (see runner)
+        self.sample_gen = torch.Generator().manual_seed(seed + 1)
+        self.computed = 0  # positions whose K/V are final in the cache
+        self.table: BlockTable | None = None
+        self.in_flight = False
+        self.aborted = False
+        self.finished = False
+        self.depths: list[int] = []  # loops used by each generated token
+        self.prompt_depths: list[int] = []
+        self.prompt_scores: list[tuple[float, list[tuple[int, float]]]] = []
+        self.last_h: Tensor | None = None  # final state of the previous token (warm start)
+        self.arrival = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.preemptions = 0
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.tokens) - 1 or not self.tokens[self.num_prompt :]
