@@ -92,8 +92,15 @@ class Engine:
         per_bundle = self.cache.bundle_bytes(self.cache.policy.num_slots(depth))
         return self.cache.capacity_bytes // per_bundle * self.cache.block_size - 1
 
+    def has_room(self, k: int = 1) -> bool:
+        """Can k more sequences start or wait without exceeding the queue bound?"""
+        sched = self.scheduler
+        queued = len(sched.waiting) + self.inbox.qsize() + k
+        free_slots = max(0, sched.config.max_batch - len(sched.running))
+        return queued <= sched.config.max_queue + free_slots
+
     def submit(self, request: EngineRequest, emit: Callable[[StepOutput], None]) -> Sequence:
-        if len(self.scheduler.waiting) + self.inbox.qsize() >= self.config.scheduler.max_queue:
+        if not self.has_room():
             raise QueueFull
         seq = Sequence(request, emit)
         self.pending += 1
@@ -167,6 +174,8 @@ class Engine:
             seq, end = g.seq, int(g.positions[-1]) + 1
             seq.in_flight, seq.computed = False, end
             used = g.loops_used.tolist()
+            seq.total_loops += sum(used)
+            seq.positions_run += n
             self._account(used, g.exits)
             if seq.request.loops.warm_start:
                 seq.last_h = g.h[-1:].clone()
@@ -222,7 +231,7 @@ class Engine:
             if reason:
                 self._complete(seq, out)
             else:
-                seq.emit(out)
+                self._send(seq, out)
         self.metrics.generation_tokens.inc(len(items))
 
     def _account(self, loops: list[int], exits: int) -> None:
@@ -243,6 +252,11 @@ class Engine:
         if seq.first_token_at is not None and len(seq.output) > 1:
             tpot = (seq.last_token_at - seq.first_token_at) / (len(seq.output) - 1)
             self.metrics.tpot.observe(tpot)
+        self._send(seq, out)
+
+    @staticmethod
+    def _send(seq: Sequence, out: StepOutput) -> None:
+        out.total_loops, out.positions = seq.total_loops, seq.positions_run
         seq.emit(out)
 
     # Inbox, aborts, gauges -----------------------------------------------------------------------

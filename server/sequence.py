@@ -51,6 +51,8 @@ class StepOutput:
     prompt_depths: list[int] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    total_loops: int = 0  # loops run for this sequence so far (all positions)
+    positions: int = 0  # positions run through the model so far
 
 
 class Sequence:
@@ -71,6 +73,8 @@ class Sequence:
         self.finished = False
         self.depths: list[int] = []  # loops used by each generated token
         self.prompt_depths: list[int] = []
+        self.total_loops = 0
+        self.positions_run = 0
         self.prompt_scores: list[tuple[float, list[tuple[int, float]]]] = []
         self.last_h: Tensor | None = None  # final state of the previous token (warm start)
         self.arrival = time.monotonic()

@@ -5,7 +5,7 @@ import torch
 
 from model.config import ParcaeConfig
 from model.parcae import Parcae
-from tests.model.conftest import CONFIGS, random_model, reference_cfg
+from tests.helpers import CONFIGS, random_model, reference_cfg
 from tests.model.reference import reference_forward
 
 

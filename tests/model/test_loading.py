@@ -9,7 +9,7 @@ import torch
 from model.config import ParcaeConfig
 from model.loading import CheckpointError, load_checkpoint, save_checkpoint
 from model.parcae import Parcae
-from tests.model.conftest import CONFIGS, random_model
+from tests.helpers import CONFIGS, random_model
 
 
 def write_released(model: Parcae, directory: Path, prefix: str = "_orig_mod.") -> None:

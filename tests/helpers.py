@@ -75,3 +75,23 @@ CONFIGS = {
         state_init="embed",
     ),
 }
+
+
+def tiny_checkpoint(directory, cfg: ParcaeConfig | None = None, seed: int = 0):
+    """A released-layout directory: random tiny model + a BPE trained on a few stdlib files."""
+    from pathlib import Path
+
+    from model.loading import save_checkpoint
+    from model.train import read_texts, stdlib_files, train_tokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = read_texts(stdlib_files()[:40])
+    tok = train_tokenizer(texts, 384)
+    tok.save(str(directory / "tokenizer.json"))
+    cfg = cfg or ParcaeConfig(
+        n_embd=64, num_attention_heads=4, vocab_size=tok.get_vocab_size(),
+        value_embed_layers=[0, 2, 3], mean_recurrence=3, block_size=512,
+    )  # fmt: skip
+    save_checkpoint(random_model(cfg, seed), directory)
+    return directory

@@ -1,0 +1,117 @@
+"""The application: load the checkpoint, build the engine, serve the routes, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+
+from model.loading import builtin_checkpoint, load_checkpoint
+from model.parcae import Parcae
+from model.tokenizer import Tokenizer
+from server.completions import CompletionService, ServingLimits
+from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.routes import install_error_handlers, router
+from server.sampling import SamplingParams
+from server.scheduler import SchedulerConfig
+from server.sequence import EngineRequest, LoopParams
+from server.settings import ServerSettings, default_kv_bytes
+from server.state import ServerState
+
+log = logging.getLogger("parcae.serve")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEPTH_TABLES = ("calibration.json", "training.json")  # where a loss-by-depth table may live
+
+
+def resolve_device(settings: ServerSettings) -> tuple[str, torch.dtype]:
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, DTYPES[dtype]
+
+
+def load_tokenizer(model_dir: Path, tokenizer_dir: str | None) -> Tokenizer:
+    for candidate in [model_dir, Path(tokenizer_dir)] if tokenizer_dir else [model_dir]:
+        if (candidate / "tokenizer.json").exists():
+            return Tokenizer.from_dir(candidate)
+    where = f"{model_dir} or {tokenizer_dir}" if tokenizer_dir else str(model_dir)
+    raise FileNotFoundError(f"no tokenizer.json in {where}; pass --tokenizer DIR")
+
+
+def depth_table(model_dir: Path) -> dict | None:
+    for name in DEPTH_TABLES:
+        path = model_dir / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            if "loss_by_depth" in data:
+                return {k: data[k] for k in ("loss_by_depth", "fit", "adaptive") if k in data}
+    return None
+
+
+def build(state: ServerState) -> None:
+    """Load everything (blocking; runs in a worker thread while /health says 503)."""
+    s = state.settings
+    model_dir = Path(s.model) if s.model else builtin_checkpoint()
+    device, dtype = resolve_device(s)
+    tokenizer = load_tokenizer(model_dir, s.tokenizer)
+    model: Parcae = load_checkpoint(model_dir, device=device, dtype=dtype)
+    cfg = model.cfg
+    max_context = min(s.max_context or cfg.block_size, cfg.block_size)
+    engine_cfg = EngineConfig(
+        scheduler=SchedulerConfig(s.max_batch, s.max_queue, s.prefill_chunk, max_context),
+        kv_policy=s.kv_policy,
+        kv_cache_bytes=s.kv_cache_bytes or default_kv_bytes(device),
+        block_size=s.block_size,
+        max_depth=s.max_depth,
+        eos_id=tokenizer.eos_id,
+    )
+    engine = Engine(model, engine_cfg, state.metrics)
+    engine.start()
+    warm = EngineRequest([tokenizer.bos_id or 0, 1], SamplingParams(max_tokens=2), LoopParams(2))
+    engine.generate_sync(warm)
+    limits = ServingLimits(
+        model_name=s.served_model_name or model_dir.name,
+        max_depth=s.max_depth,
+        max_context=max_context,
+        default_depth=min(cfg.mean_recurrence, s.max_depth),
+        vocab_size=cfg.vocab_size,
+    )
+    state.model_card = {"dir": str(model_dir), "depth_table": depth_table(model_dir)}
+    state.engine, state.tokenizer = engine, tokenizer
+    state.service = CompletionService(engine, tokenizer, limits)
+    state.ready = True
+    log.info("serving %s on %s (%s), kv policy %s", limits.model_name, device, dtype, s.kv_policy)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    state = ServerState(settings, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def load() -> None:
+            try:
+                await asyncio.to_thread(build, state)
+            except Exception as err:  # keep serving /health (503) with the reason
+                state.load_error = f"{type(err).__name__}: {err}"
+                log.error("failed to load the model: %s", state.load_error)
+
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="parcae-serve", version="0.1.0", lifespan=lifespan)
+    app.state.parcae = state
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,73 @@
+"""Server settings: one typed object, from flags and PARCAE_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PARCAE_", protected_namespaces=())
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    model: str | None = Field(None, description="checkpoint directory (default: the built-in model)")
+    tokenizer: str | None = Field(
+        None, description="directory with tokenizer.json, if the checkpoint has none"
+    )
+    served_model_name: str | None = Field(None, description="model id in the API (default: dir name)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda when present, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and cache dtype (auto: bfloat16 on cuda, float32 on cpu)"
+    )
+    max_batch: int = Field(64, ge=1, description="sequences computed at once")
+    max_context: int | None = Field(None, ge=2, description="context limit (default: the model's)")
+    max_depth: int = Field(64, ge=1, description="largest recurrence_depth a request may ask for")
+    kv_policy: str = Field(
+        "shared:1",
+        description="loop-slot policy of the KV cache: per-loop | shared:K | first:K | last:K",
+    )
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="KV-cache pool size (default: a share of free memory)"
+    )
+    block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
+    max_queue: int = Field(256, ge=0, description="waiting requests before 429")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY'")
+    drain_grace: float = Field(30.0, ge=0, description="seconds to finish requests on SIGTERM")
+    log_level: str = Field("info", description="uvicorn log level")
+
+
+def parse_args(argv: list[str] | None = None) -> ServerSettings:
+    """Flags override PARCAE_* variables, which override the defaults."""
+    parser = argparse.ArgumentParser(
+        prog="parcae-serve",
+        description="Serve a looped (Parcae) language model with an OpenAI-style API. "
+        "Every flag can also be set as PARCAE_<FLAG> (e.g. PARCAE_MAX_DEPTH=32).",
+    )
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"PARCAE_{name.upper()}"
+        default = field.default
+        help_text = f"{field.description} (default: {default}; env {env})"
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+    given = vars(parser.parse_args(argv))
+    return ServerSettings(**given)
+
+
+def default_kv_bytes(device: str) -> int:
+    """A share of free memory: half the free GPU memory, or a quarter of RAM up to 2 GiB."""
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * 0.5)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 8 * 2**30
+    return int(min(2 * 2**30, available // 4))

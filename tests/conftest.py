@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny released-layout checkpoint and live servers on loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, *flags: str, timeout: float = 60) -> Iterator[str]:
+    """`parcae-serve` in a subprocess on 127.0.0.1; yields its base URL once /health is 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "--model", str(model_dir), "--port", str(port),
+           "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20), *flags]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "server did not become healthy"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-parcae"))
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_model_dir: Path) -> Iterator[str]:
+    """A server on the tiny random model with the exact per-loop cache policy."""
+    with running_server(tiny_model_dir, "--kv-policy", "per-loop", "--max-depth", "32") as url:
+        yield url
