@@ -99,7 +99,9 @@ def load_checkpoint(
 def _has_gate(state: dict, raw_config: dict, j: int) -> bool:
     P = raw_config.get("n_layers_in_prelude", 1)
     R = raw_config.get("n_layers_in_recurrent_block", 2)
-    part, i = ("prelude", j) if j < P else ("core_block", j - P) if j < P + R else ("coda", j - P - R)
+    part, i = (
+        ("prelude", j) if j < P else ("core_block", j - P) if j < P + R else ("coda", j - P - R)
+    )
     return f"transformer.{part}.{i}.attn.ve_gate.weight" in state
 
 

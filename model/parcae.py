@@ -25,7 +25,9 @@ class AttentionContext(Protocol):
     def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False
+) -> Tensor:
     """Scaled dot-product attention with grouped K/V heads (fused kernels where available)."""
     if k.shape[1] != q.shape[1]:
         group = q.shape[1] // k.shape[1]
@@ -60,7 +62,9 @@ class RMSNorm(nn.Module):
 def rope_table(head_dim: int, length: int, base: float, condense: int) -> Tensor:
     """Complex rotations (length, head_dim/2): pair m turns by pos / base^(2m/head_dim)."""
     cpu = torch.device("cpu")  # explicit, so a model built on the meta device still gets tables
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim)
+    inv_freq = 1.0 / base ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim
+    )
     pos = torch.arange(length, dtype=torch.float64, device=cpu) / condense
     angles = torch.outer(pos, inv_freq)
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
@@ -249,7 +253,7 @@ class Parcae(nn.Module):
         return self.transformer["coda"][j - P - R]
 
     def rotations(self, positions: Tensor) -> dict[int, Tensor]:
-        """Per head_dim, rotations shaped (B, 1, L, hd/2) for positions (B, L); reused every loop."""
+        """Per head_dim, rotations (B, 1, L, hd/2) for positions (B, L); reused every loop."""
         out = {}
         for hd, table in self._rope.items():
             if table.device != positions.device:
@@ -261,8 +265,8 @@ class Parcae(nn.Module):
         self, part: str, offset: int, x: Tensor, ids: Tensor, rots: dict, ctx, loop: int | None
     ) -> Tensor:
         for i, block in enumerate(self.transformer[part]):
-            ve_table = self.value_embeds[str(offset + i)] if str(offset + i) in self.value_embeds else None
-            ve = ve_table(ids) if ve_table is not None else None
+            name = str(offset + i)
+            ve = self.value_embeds[name](ids) if name in self.value_embeds else None
             key = (part, i) if loop is None else (part, i, loop)
             x = block(x, rots[block.attn.head_dim], ve, ctx, key)
         return x

@@ -124,7 +124,9 @@ def init_weights(model: Parcae, seed: int) -> None:
         elif name.endswith("A_log"):
             p.data.copy_(torch.log(torch.empty_like(p).uniform_(1, 16, generator=g)))
         elif name.endswith("dt_bias"):
-            dt = torch.exp(torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1), generator=g))
+            dt = torch.exp(
+                torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1), generator=g)
+            )
             p.data.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         elif name.endswith("ve_gate.weight"):
             torch.nn.init.zeros_(p)
@@ -148,7 +150,9 @@ def heldout_loss(model: Parcae, data: torch.Tensor, depth: int, seq: int, tokens
     total = 0.0
     for i in range(0, n, 16):
         logits = model(x[i : i + 16], depth, g)
-        total += F.cross_entropy(logits.flatten(0, 1), y[i : i + 16].flatten(), reduction="sum").item()
+        total += F.cross_entropy(
+            logits.flatten(0, 1), y[i : i + 16].flatten(), reduction="sum"
+        ).item()
     model.train()
     return total / (n * seq)
 
@@ -198,7 +202,7 @@ def train(s: TrainSettings) -> None:
         opt.step()
         step, seen = step + 1, seen + x.numel()
         if step % 50 == 0:
-            log(f"step {step} tokens {seen:,} T={depth} loss {loss.item():.4f} {elapsed / 60:.1f} min")
+            log(f"step {step} tokens {seen:,} T={depth} loss {loss.item():.4f} {elapsed / 60:.1f}m")
         if step % 500 == 0:
             pair = {t: heldout_loss(model, held_ids, t, s.seq, 8192) for t in (1, s.mu_rec)}
             curve.append({"step": step, "tokens": seen, **{f"T{t}": v for t, v in pair.items()}})
@@ -229,7 +233,9 @@ def log(*args: object) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     defaults = TrainSettings(out=Path("model/builtin/parcae-stdlib"))
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)

@@ -90,8 +90,8 @@ class CompletionService:
         if req.recurrence_exit is not None:
             spec = req.recurrence_exit
             if spec.min_depth > depth:
-                raise APIError(400, f"recurrence_exit.min_depth ({spec.min_depth}) exceeds "
-                               f"recurrence_depth ({depth})", param="recurrence_exit.min_depth")  # fmt: skip
+                message = f"recurrence_exit.min_depth ({spec.min_depth}) exceeds depth {depth}"
+                raise APIError(400, message, param="recurrence_exit.min_depth")
             rule = RecurrenceExit(spec.criterion, spec.threshold, spec.min_depth)
         loops = LoopParams(depth, rule, req.recurrence_warm_start)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -111,9 +111,7 @@ class CompletionService:
         return choices
 
     def _prompts(self, prompt) -> list[tuple[str, list[int]]]:
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif prompt and isinstance(prompt[0], int):
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
@@ -170,7 +168,9 @@ class CompletionService:
             delta = choice.text.push(out.token)
             if logp is not None:
                 top = {self.tokenizer.token_text(t): lp for t, lp in out.top}
-                self._add(logp, choice, self.tokenizer.token_text(out.token), out.logprob, top, out.depth)
+                self._add(
+                    logp, choice, self.tokenizer.token_text(out.token), out.logprob, top, out.depth
+                )
         if out.finish_reason is not None or choice.text.stopped:
             delta += choice.text.finish()
             choice.finish_reason = "stop" if choice.text.stopped else out.finish_reason
@@ -266,7 +266,7 @@ class CompletionService:
             if c.error:
                 raise APIError(500, c.error, "internal_error")
 
-    # Streaming --------------------------------------------------------------------------------------
+    # Streaming ----------------------------------------------------------------------------------
     async def stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         """Server-sent events exactly as OpenAI / vLLM send them. Validation happens before the
         first byte, so errors still get a proper status code."""

@@ -209,8 +209,12 @@ class Engine:
             p = seq.request.sampling
             banned = []
             if len(seq.output) < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([eos] if eos is not None and not p.ignore_eos else [])
-            rows.append(SampleRow(p, seq.sample_gen, seq.tokens[: seq.num_prompt], seq.output, banned))
+                banned = list(p.stop_token_ids) + (
+                    [eos] if eos is not None and not p.ignore_eos else []
+                )
+            rows.append(
+                SampleRow(p, seq.sample_gen, seq.tokens[: seq.num_prompt], seq.output, banned)
+            )
         now = time.monotonic()
         for (seq, depth), s in zip(items, sample(logits, rows), strict=True):
             p = seq.request.sampling
@@ -223,7 +227,10 @@ class Engine:
             reason = None
             if (s.token == eos and not p.ignore_eos) or s.token in p.stop_token_ids:
                 reason = "stop"
-            elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.config.scheduler.max_context:
+            elif (
+                len(seq.output) >= p.max_tokens
+                or len(seq.tokens) >= self.config.scheduler.max_context
+            ):
                 reason = "length"
             out = StepOutput(s.token, s.logprob, s.top, depth, finish_reason=reason)
             if len(seq.output) == 1 and seq.request.sampling.prompt_logprobs is not None:

@@ -32,7 +32,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         p = "parcae_"
-        self.requests = Counter(f"{p}requests", "Finished requests by status", ["status"], registry=r)
+        self.requests = Counter(
+            f"{p}requests", "Finished requests by status", ["status"], registry=r
+        )
         self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens received", registry=r)
         self.generation_tokens = Counter(f"{p}generation_tokens", "Tokens generated", registry=r)
         self.loops = Counter(f"{p}recurrence_loops", "Recurrent-block loops run", registry=r)
@@ -41,7 +43,9 @@ class Metrics:
         self.prefix_hits = Counter(f"{p}prefix_cache_hits", "Prefix lookups that hit", registry=r)
         self.running = Gauge(f"{p}requests_running", "Sequences being computed", registry=r)
         self.waiting = Gauge(f"{p}requests_waiting", "Sequences waiting to start", registry=r)
-        self.kv_usage = Gauge(f"{p}kv_cache_usage_ratio", "KV-cache bytes in use / pool", registry=r)
+        self.kv_usage = Gauge(
+            f"{p}kv_cache_usage_ratio", "KV-cache bytes in use / pool", registry=r
+        )
         self.kv_bytes = Gauge(f"{p}kv_cache_used_bytes", "KV-cache bytes in use", registry=r)
         self.ttft = Histogram(f"{p}time_to_first_token_seconds", "Time to first token",
                               buckets=TTFT_BUCKETS, registry=r)  # fmt: skip

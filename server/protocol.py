@@ -1,4 +1,4 @@
-"""Wire types of the OpenAI-style API (legacy completions, as vLLM serves it) plus looping fields."""
+"""Wire types of the OpenAI-style API (legacy completions as vLLM serves it) + looping fields."""
 
 from __future__ import annotations
 

@@ -26,7 +26,9 @@ def state_of(request: Request) -> ServerState:
 
 
 def error_response(err: APIError) -> JSONResponse:
-    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    body = {
+        "error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
+    }
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
@@ -54,7 +56,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, err: Exception) -> JSONResponse:
-        return error_response(APIError(500, f"internal error: {type(err).__name__}", "internal_error"))
+        return error_response(
+            APIError(500, f"internal error: {type(err).__name__}", "internal_error")
+        )
 
 
 def authorised(request: Request) -> None:
@@ -158,7 +162,11 @@ async def metrics(request: Request) -> Response:
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     state = serving(request)
     tokens = state.tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.service.limits.max_context}
+    return {
+        "tokens": tokens,
+        "count": len(tokens),
+        "max_model_len": state.service.limits.max_context,
+    }
 
 
 @router.post("/detokenize", dependencies=[Depends(authorised)])

@@ -72,7 +72,9 @@ class ModelRunner:
         if self.model.cfg.state_init == "zero":
             return like.new_zeros(len(g.positions), self.model.cfg.d_rec)
         rows = []
-        for p in g.positions.tolist():  # per-position streams: chunking and prefix hits don't matter
+        for (
+            p
+        ) in g.positions.tolist():  # per-position streams: chunking and prefix hits don't matter
             seq.state_gen.manual_seed((seq.noise_seed * NOISE_STRIDE + p) % 2**64)
             rows.append(self.model.initial_state(1, 1, [seq.state_gen], like)[0, 0])
         return torch.stack(rows)

@@ -15,12 +15,18 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
-    model: str | None = Field(None, description="checkpoint directory (default: the built-in model)")
+    model: str | None = Field(
+        None, description="checkpoint directory (default: the built-in model)"
+    )
     tokenizer: str | None = Field(
         None, description="directory with tokenizer.json, if the checkpoint has none"
     )
-    served_model_name: str | None = Field(None, description="model id in the API (default: dir name)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda when present, else cpu")
+    served_model_name: str | None = Field(
+        None, description="model id in the API (default: dir name)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="cuda when present, else cpu"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and cache dtype (auto: bfloat16 on cuda, float32 on cpu)"
     )

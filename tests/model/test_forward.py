@@ -25,7 +25,9 @@ def test_forward_matches_reference_float32(name: str, depth: int) -> None:
     g = torch.Generator().manual_seed(7)
     h0 = torch.cat([model.initial_state(1, 11, [g], logits) for _ in range(2)])
     for row in range(2):
-        ref = reference_forward(_state(model, torch.float32), reference_cfg(cfg), ids[row], depth, h0[row])
+        ref = reference_forward(
+            _state(model, torch.float32), reference_cfg(cfg), ids[row], depth, h0[row]
+        )
         diff = (logits[row].log_softmax(-1) - ref.log_softmax(-1)).abs().max().item()
         assert diff < 1e-4, f"max |dlogprob| {diff}"
 
@@ -74,7 +76,13 @@ def test_seeded_initial_state_is_reproducible_and_seed_dependent() -> None:
 def test_every_state_init_draws_the_documented_distribution(kind: str) -> None:
     model = Parcae(ParcaeConfig(n_embd=256, num_attention_heads=4, state_init=kind))
     h = model.initial_state(1, 64, [torch.Generator().manual_seed(0)], torch.zeros(1))
-    std = {"like-init": (2 / (5 * 256)) ** 0.5, "zero": 0.0, "normal": 1.0, "embed": 1 / 16, "unit": 1.0}
+    std = {
+        "like-init": (2 / (5 * 256)) ** 0.5,
+        "zero": 0.0,
+        "normal": 1.0,
+        "embed": 1 / 16,
+        "unit": 1.0,
+    }
     assert h.shape == (1, 64, 256)
     assert abs(h.std().item() - std[kind]) < 0.1 * max(std[kind], 1e-3) + 1e-6
     if kind == "like-init":

@@ -81,7 +81,7 @@ def test_unsupported_config_is_refused_naming_key_and_value(tmp_path: Path, key,
 
 
 def test_missing_files_are_named(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no weights"):
