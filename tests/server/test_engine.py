@@ -1,0 +1,271 @@
+"""The engine without HTTP: cached decode against the no-cache forward, batching, memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from model.config import ParcaeConfig
+from server.engine import Engine, EngineConfig
+from server.kv_cache import KVCache, LoopSlotPolicy
+from server.sampling import SamplingParams
+from server.scheduler import SchedulerConfig
+from server.sequence import EngineRequest, LoopParams, RecurrenceExit
+from tests.helpers import random_model
+
+ZERO_INIT = ParcaeConfig(
+    n_embd=64, num_attention_heads=4, vocab_size=100, value_embed_layers=[0, 2, 3],
+    state_init="zero", mean_recurrence=3,
+)  # fmt: skip
+NOISY = ParcaeConfig(
+    n_embd=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+    value_embed_layers=[1, 2], mean_recurrence=3,
+)  # fmt: skip
+PROMPT = [1, 5, 7, 9, 11, 3, 4, 8, 20, 21, 22]
+
+
+def make_engine(cfg: ParcaeConfig = ZERO_INIT, policy: str = "per-loop", **kw) -> Engine:
+    sched = SchedulerConfig(
+        max_batch=kw.pop("max_batch", 16), prefill_chunk=kw.pop("prefill_chunk", 4)
+    )
+    config = EngineConfig(
+        sched, kv_policy=policy, kv_cache_bytes=kw.pop("kv_bytes", 8 * 2**20), **kw
+    )
+    engine = Engine(random_model(cfg), config)
+    engine.start()
+    return engine
+
+
+@pytest.fixture
+def engine():
+    eng = make_engine()
+    yield eng
+    eng.stop()
+
+
+def greedy(depth: int, max_tokens: int = 8, prompt=PROMPT, **loops) -> EngineRequest:
+    return EngineRequest(
+        list(prompt),
+        SamplingParams(max_tokens=max_tokens, temperature=0),
+        LoopParams(depth, **loops),
+    )
+
+
+def tokens(outputs) -> list[int]:
+    return [o.token for o in outputs if o.token is not None]
+
+
+def reference_greedy(model, prompt: list[int], depth: int, n: int) -> list[int]:
+    ids, out = list(prompt), []
+    for _ in range(n):
+        t = int(model(torch.tensor([ids]), depth)[0, -1].argmax())
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_per_loop_decode_reproduces_the_no_cache_forward(engine: Engine, depth: int) -> None:
+    got = tokens(engine.generate_sync(greedy(depth, 10)))
+    assert got == reference_greedy(engine.model, PROMPT, depth, 10)
+
+
+def test_seeded_sampling_is_reproducible_in_a_full_mixed_depth_batch() -> None:
+    eng = make_engine(NOISY, "shared:1")
+    try:
+        params = SamplingParams(max_tokens=12, temperature=1.0, seed=42)
+        alone = tokens(eng.generate_sync(EngineRequest(PROMPT, params, LoopParams(4))))
+        results: dict[int, list[int]] = {}
+
+        def run(i: int) -> None:
+            p = SamplingParams(max_tokens=12, temperature=1.0, seed=42 if i == 0 else 100 + i)
+            depth = 4 if i == 0 else 1 + i % 6
+            results[i] = tokens(eng.generate_sync(EngineRequest(PROMPT, p, LoopParams(depth))))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results[0] == alone
+        assert len({tuple(v) for v in results.values()}) > 1
+    finally:
+        eng.stop()
+
+
+def test_greedy_output_is_identical_alone_and_in_a_full_batch(engine: Engine) -> None:
+    alone = {d: tokens(engine.generate_sync(greedy(d))) for d in (1, 3, 6)}
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[i] = tokens(engine.generate_sync(greedy((1, 3, 6)[i % 3])))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, got in results.items():
+        assert got == alone[(1, 3, 6)[i % 3]]
+
+
+def test_shared_one_slot_bytes_per_token_do_not_grow_with_depth() -> None:
+    cache = KVCache(ZERO_INIT, LoopSlotPolicy.parse("shared:1"), 4 * 2**20, typical_depth=3)
+    tables = {}
+    for depth in (2, 32):
+        tables[depth] = cache.new_table(depth, b"")
+        before = cache.used_bytes
+        assert cache.ensure(tables[depth], 160)
+        tables[depth] = cache.used_bytes - before
+    assert tables[2] == tables[32] == 160 * cache.token_bytes(32)
+    assert cache.token_bytes(2) == cache.token_bytes(32)
+    per_loop = KVCache(ZERO_INIT, LoopSlotPolicy.parse("per-loop"), 4 * 2**20, typical_depth=3)
+    assert per_loop.token_bytes(32) == per_loop.outer_token_bytes + 32 * per_loop.rec_token_bytes
+
+
+def test_shared_one_holds_as_many_deep_as_shallow_sequences() -> None:
+    for policy, same in (("shared:1", True), ("per-loop", False)):
+        eng = make_engine(policy=policy, kv_bytes=2 * 2**20)
+        try:
+            assert (eng.capacity_tokens(32) == eng.capacity_tokens(2)) is same
+        finally:
+            eng.stop()
+
+
+def wait_idle(eng: Engine, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (
+        eng.scheduler.running or eng.scheduler.waiting or eng.pool
+    ) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_block_accounting_returns_to_zero_after_finish_and_abort(engine: Engine) -> None:
+    engine.generate_sync(greedy(3))
+    wait_idle(engine)
+    assert engine.cache.used_bytes == 0
+    outputs = []
+    seq = engine.submit(greedy(4, max_tokens=400), outputs.append)
+    while len(outputs) < 3:
+        time.sleep(0.01)
+    engine.abort(seq)
+    wait_idle(engine)
+    assert outputs[-1].finish_reason == "abort"
+    assert engine.cache.used_bytes == 0
+    assert not engine.scheduler.running
+
+
+def test_pool_exhaustion_queues_then_preempts_and_still_matches_reference() -> None:
+    # 6 blocks of 16 tokens: four 41-token sequences (3 blocks each) cannot all fit at once
+    probe = KVCache(ZERO_INIT, LoopSlotPolicy.parse("per-loop"), 0, typical_depth=3)
+    eng = make_engine(kv_bytes=6 * probe.bundle_bytes(3), block_size=16)
+    try:
+        results: dict[int, list[int]] = {}
+
+        def run(i: int) -> None:
+            results[i] = tokens(eng.generate_sync(greedy(3, max_tokens=30), timeout=120))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        expected = reference_greedy(eng.model, PROMPT, 3, 30)
+        assert all(r == expected for r in results.values())
+        wait_idle(eng)
+        assert eng.cache.used_bytes == 0
+        assert eng.metrics.requests.labels("length")._value.get() == 4
+        assert eng.scheduler.config.max_batch >= 4  # so memory, not slots, forced the waits
+    finally:
+        eng.stop()
+
+
+def test_prefix_hit_skips_prefill_and_gives_identical_greedy_output() -> None:
+    eng = make_engine(NOISY, "shared:1", block_size=4)
+    try:
+        long_prompt = list(range(3, 40))
+        params = SamplingParams(max_tokens=6, temperature=0, seed=7)
+        cold = eng.generate_sync(EngineRequest(long_prompt, params, LoopParams(3)))
+        hits_before = eng.cache.prefix_hits
+        warm = eng.generate_sync(EngineRequest(long_prompt, params, LoopParams(3)))
+        assert eng.cache.prefix_hits == hits_before + 1
+        assert tokens(warm) == tokens(cold)
+        # the warm run computed only the uncached tail of the prompt
+        assert warm[-1].positions < cold[-1].positions
+        wait_idle(eng)
+        assert eng.cache.used_bytes == 0  # cached blocks are evictable, not in use
+    finally:
+        eng.stop()
+
+
+# Adaptive exit ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion", ["kl", "residual"])
+def test_exit_threshold_zero_equals_fixed_depth(engine: Engine, criterion: str) -> None:
+    fixed = engine.generate_sync(greedy(5))
+    adaptive = engine.generate_sync(greedy(5, exit=RecurrenceExit(criterion, 0.0, 1)))
+    assert tokens(adaptive) == tokens(fixed)
+    assert [o.depth for o in adaptive if o.token is not None] == [5] * 8
+
+
+@pytest.mark.parametrize("criterion", ["kl", "residual"])
+def test_huge_threshold_stops_at_min_depth(engine: Engine, criterion: str) -> None:
+    out = engine.generate_sync(greedy(9, exit=RecurrenceExit(criterion, 1e9, 3)))
+    assert [o.depth for o in out if o.token is not None] == [3] * 8
+    assert out[-1].total_loops == 3 * out[-1].positions
+
+
+def test_per_row_exits_in_a_batch_equal_each_row_alone() -> None:
+    eng = make_engine(NOISY, "per-loop")
+    try:
+        rule = RecurrenceExit("residual", 0.1, 2)
+        requests = [
+            EngineRequest(
+                PROMPT[: 5 + i],
+                SamplingParams(max_tokens=8, temperature=0, seed=i),
+                LoopParams(12, rule),
+            )  # fmt: skip
+            for i in range(6)
+        ]
+        alone = [eng.generate_sync(r) for r in requests]
+        batched: dict[int, list] = {}
+
+        def run(i: int) -> None:
+            batched[i] = eng.generate_sync(requests[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(6):
+            assert tokens(batched[i]) == tokens(alone[i])
+            assert [o.depth for o in batched[i]] == [o.depth for o in alone[i]]
+        depths = {o.depth for out in alone for o in out if o.token is not None}
+        assert len(depths) > 1, "the threshold should make rows exit at different loops"
+    finally:
+        eng.stop()
+
+
+def test_reported_depths_equal_loops_actually_run() -> None:
+    eng = make_engine(NOISY, "shared:1")
+    try:
+        before = eng.metrics.loops._value.get()
+        params = SamplingParams(max_tokens=10, temperature=0, seed=1, prompt_logprobs=0)
+        out = eng.generate_sync(
+            EngineRequest(PROMPT, params, LoopParams(10, RecurrenceExit("kl", 1e-3, 2)))
+        )
+        ran = eng.metrics.loops._value.get() - before
+        depths = [o.depth for o in out if o.token is not None]
+        prompt_depths = next(o.prompt_depths for o in out if o.prompt_depths is not None)
+        assert out[-1].total_loops == ran
+        # prompt positions' loops, plus each fed-back generated token's (= the next one's depth)
+        assert ran == sum(prompt_depths) + sum(depths[1:])
+        assert prompt_depths[-1] == depths[0]
+        assert all(2 <= d <= 10 for d in depths + prompt_depths)
+    finally:
+        eng.stop()
