@@ -228,7 +228,7 @@ def test_per_row_exits_in_a_batch_equal_each_row_alone() -> None:
                 PROMPT[: 5 + i],
                 SamplingParams(max_tokens=8, temperature=0, seed=i),
                 LoopParams(12, rule),
-            )  # fmt: skip
+            )
             for i in range(6)
         ]
         alone = [eng.generate_sync(r) for r in requests]
