@@ -19,6 +19,7 @@ from server.state import ServerState
 
 router = APIRouter()
 DISCONNECT_POLL_S = 0.2
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # pydantic's union-member locs
 
 
 def state_of(request: Request) -> ServerState:
@@ -41,7 +42,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(p for p in loc if not p.isdigit() and "[" not in p) or None
+        param = ".".join(p for p in loc if p.isidentifier() and p not in UNION_TAGS) or None
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             message, param = f"invalid JSON body: {first.get('ctx', {}).get('error', '')}", None

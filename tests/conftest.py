@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,9 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen
+
+
 @contextlib.contextmanager
-def running_server(model_dir: Path, *flags: str, timeout: float = 60) -> Iterator[str]:
-    """`parcae-serve` in a subprocess on 127.0.0.1; yields its base URL once /health is 200."""
+def running_server(model_dir: Path, *flags: str, timeout: float = 60) -> Iterator[ServerProcess]:
+    """`parcae-serve` in a subprocess on 127.0.0.1, yielded once /health is 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "--model", str(model_dir), "--port", str(port),
            "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20), *flags]  # fmt: skip
@@ -44,7 +51,7 @@ def running_server(model_dir: Path, *flags: str, timeout: float = 60) -> Iterato
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             time.sleep(0.2)
-        yield url
+        yield ServerProcess(url, proc)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -63,5 +70,5 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def live_server(tiny_model_dir: Path) -> Iterator[str]:
     """A server on the tiny random model with the exact per-loop cache policy."""
-    with running_server(tiny_model_dir, "--kv-policy", "per-loop", "--max-depth", "32") as url:
-        yield url
+    with running_server(tiny_model_dir, "--kv-policy", "per-loop", "--max-depth", "32") as server:
+        yield server.url
