@@ -65,7 +65,7 @@ def test_streaming_text_equals_the_non_streaming_text(client: openai.OpenAI) -> 
             seed=3,
             stream_options={"include_usage": True},
             extra_body={"recurrence_depth": 3},
-        )  # fmt: skip
+        )
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == full
@@ -122,7 +122,7 @@ def test_stop_string_cuts_the_text_before_it(client: openai.OpenAI) -> None:
             stream=True,
             seed=3,
             extra_body={"recurrence_depth": 2},
-        )  # fmt: skip
+        )
     )
     assert streamed == out.choices[0].text
 
@@ -146,7 +146,10 @@ def test_logprobs_carry_top_alternatives_and_depths(client: openai.OpenAI) -> No
     assert len(lp.tokens) == 5 and len(lp.top_logprobs) == 5
     assert all(len(t) <= 3 for t in lp.top_logprobs)
     # greedy: the chosen token is the most likely one
-    assert all(abs(v - max(t.values())) < 1e-5 for v, t in zip(lp.token_logprobs, lp.top_logprobs))
+    assert all(
+        abs(v - max(t.values())) < 1e-5
+        for v, t in zip(lp.token_logprobs, lp.top_logprobs, strict=False)
+    )
     assert lp.model_extra["depths"] == [4] * 5
 
 
@@ -281,12 +284,12 @@ BAD = [
         ),
         400,
         "recurrence_exit.min_depth",
-    ),  # fmt: skip
+    ),
     (
         json.dumps({"prompt": "x", "recurrence_exit": {"criterion": "cosine", "threshold": 1}}),
         400,
         "recurrence_exit.criterion",
-    ),  # fmt: skip
+    ),
     (json.dumps({"prompt": [5] * 600}), 400, "prompt"),
     (json.dumps({"prompt": [10**6]}), 400, "prompt"),
     (json.dumps({"prompt": []}), 400, "prompt"),
