@@ -114,24 +114,35 @@ class Attention(nn.Module):
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, kv_heads, bias=False) if ve else None
         self.qk_norm, self.clip, self.eps = cfg.qk_norm, cfg.clip_qkv, cfg.norm_eps
 
+    def _qkv_weight(self) -> Tensor:
+        """c_q, c_k, c_v stacked, so inference runs one matmul; rebuilt if any weight changes."""
+        ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
+        stamp = tuple((w.data_ptr(), w._version) for w in ws)
+        if getattr(self, "_qkv_stamp", None) != stamp:
+            self._qkv, self._qkv_stamp = torch.cat(ws).detach(), stamp
+        return self._qkv
+
     def forward(
         self, x: Tensor, rot: Tensor, ve: Tensor | None, ctx: AttentionContext, key: tuple
     ) -> Tensor:
         B, L, _ = x.shape
-        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
+        if torch.is_grad_enabled():
+            qkv = torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], -1)
+        else:
+            qkv = F.linear(x, self._qkv_weight())
         if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q = q.view(B, L, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+            qkv = qkv.clamp(-self.clip, self.clip)
+        qkv = qkv.view(B, L, H + 2 * Hkv, hd).transpose(1, 2)
+        qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
         if ve is not None and self.ve_gate is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, L, Hkv)
-            ve = ve.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve
-        q, k = apply_rope(q, rot), apply_rope(k, rot)
+            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve.view(B, L, Hkv, hd).transpose(1, 2)
+        qk = apply_rope(qk, rot)  # q and k heads together: one rotation, one norm
         if self.qk_norm:
-            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
-        y = ctx.attend(key, q.to(x.dtype), k.to(x.dtype), v)
+            qk = rms_norm(qk, self.eps)
+        qk = qk.to(x.dtype)
+        y = ctx.attend(key, qk[:, :H], qk[:, H:], v)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
