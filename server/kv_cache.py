@@ -111,6 +111,14 @@ def layer_shapes(cfg: ParcaeConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     return outer, rec
 
 
+def token_bytes(cfg: ParcaeConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """K+V bytes of one token: all outer (prelude + coda) layers, and one recurrent slot."""
+    (okv, ohd), (rkv, rhd) = layer_shapes(cfg)
+    es = torch.empty((), dtype=dtype).element_size()
+    n_outer = cfg.n_layers_in_prelude + cfg.n_layers_in_coda
+    return 2 * n_outer * okv * ohd * es, 2 * cfg.n_layers_in_recurrent_block * rkv * rhd * es
+
+
 class KVCache:
     def __init__(
         self,
@@ -126,9 +134,7 @@ class KVCache:
         (okv, ohd), (rkv, rhd) = layer_shapes(cfg)
         n_outer = cfg.n_layers_in_prelude + cfg.n_layers_in_coda
         n_rec = cfg.n_layers_in_recurrent_block
-        es = torch.empty((), dtype=dtype).element_size()
-        self.outer_token_bytes = 2 * n_outer * okv * ohd * es
-        self.rec_token_bytes = 2 * n_rec * rkv * rhd * es
+        self.outer_token_bytes, self.rec_token_bytes = token_bytes(cfg, dtype)
         slots = policy.num_slots(typical_depth)
         per_block = block_size * (self.outer_token_bytes + slots * self.rec_token_bytes)
         n_bundles = max(2, budget_bytes // per_block)

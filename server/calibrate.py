@@ -1,0 +1,114 @@
+"""Compute-quality curve of a checkpoint: held-out NLL and speed for fixed depths and exit rules.
+
+    parcae calibrate --model DIR        (or: python -m server.calibrate --model DIR)
+
+Fixed T = 1 ... 4*mu_rec and a sweep of `kl` / `residual` exit thresholds, each measured by
+teacher-forced decode through the serving path (`server.evaluation`). Fits the paper's
+L(T) = L_inf + Z exp(-z T) and writes `calibration.json` next to the checkpoint, which the
+server publishes in /v1/models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model.depth_curve import fit_saturating_law
+from model.loading import builtin_checkpoint, load_checkpoint
+from model.tokenizer import Tokenizer
+from model.train import is_heldout, read_texts, stdlib_files
+from server.evaluation import teacher_forced_nll
+from server.sequence import RecurrenceExit
+
+THRESHOLDS = {"kl": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "residual": [0.01, 0.02, 0.03, 0.05, 0.1]}
+
+
+def heldout_sequences(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` windows of `length` tokens from the stdlib files the built-in model never saw."""
+    texts = read_texts([p for p in stdlib_files() if is_heldout(p, 0.05)])
+    out: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer.encode(text)
+        for start in range(0, len(ids) - length, length * 4):
+            out.append(ids[start : start + length])
+            if len(out) == count:
+                return out
+    return out
+
+
+def fixed_depths(mu: int) -> list[int]:
+    return sorted({1, 2, 3, 4, mu, 2 * mu, 3 * mu, 4 * mu} | set(range(1, mu + 1)))
+
+
+def calibrate(
+    model_dir: str | None = None,
+    out: str | None = None,
+    sequences: int = 16,
+    length: int = 128,
+    policy: str = "per-loop",
+    log=print,
+) -> dict:
+    directory = Path(model_dir) if model_dir else builtin_checkpoint()
+    torch.manual_seed(0)
+    model = load_checkpoint(directory)
+    data = heldout_sequences(Tokenizer.from_dir(directory), sequences, length)
+    mu = model.cfg.mean_recurrence
+    fixed = {}
+    for depth in fixed_depths(mu):
+        fixed[depth] = asdict(teacher_forced_nll(model, data, depth, policy))
+        log(f"T={depth:3d} nll {fixed[depth]['nll']:.4f} {fixed[depth]['tokens_per_s']:.0f} tok/s")
+    fit = fit_saturating_law(list(fixed), [r["nll"] for r in fixed.values()])
+    cap = 2 * mu
+    adaptive = []
+    for criterion, thresholds in THRESHOLDS.items():
+        for threshold in thresholds:
+            rule = RecurrenceExit(criterion, threshold, min_depth=1)
+            row = asdict(teacher_forced_nll(model, data, cap, policy, rule))
+            row.update(criterion=criterion, threshold=threshold, depth=cap)
+            row["nll_vs_fixed_cap"] = row["nll"] / fixed[cap]["nll"] - 1
+            row["loops_vs_fixed_cap"] = row["mean_depth"] / cap
+            adaptive.append(row)
+            log(
+                f"{criterion} {threshold:g}: nll {row['nll']:.4f} mean depth {row['mean_depth']:.2f}"
+            )
+    report = {
+        "model": directory.name,
+        "policy": policy,
+        "heldout_tokens": sum(len(s) - 1 for s in data),
+        "loss_by_depth": {str(d): round(r["nll"], 4) for d, r in fixed.items()},
+        "tokens_per_s_by_depth": {str(d): round(r["tokens_per_s"], 1) for d, r in fixed.items()},
+        "fit": fit,
+        "adaptive": adaptive,
+        "best_adaptive": best_adaptive(adaptive),
+    }
+    path = Path(out) if out else directory / "calibration.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {path}")
+    return report
+
+
+def best_adaptive(rows: list[dict], nll_tolerance: float = 0.01) -> dict | None:
+    """The cheapest exit rule within `nll_tolerance` of fixed T = 2*mu_rec."""
+    ok = [r for r in rows if r["nll_vs_fixed_cap"] <= nll_tolerance]
+    return min(ok, key=lambda r: r["mean_depth"]) if ok else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", help="checkpoint directory (default: the built-in model)")
+    parser.add_argument("--out", help="output file (default: DIR/calibration.json)")
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--policy", default="per-loop")
+    args = parser.parse_args()
+    calibrate(args.model, args.out, args.sequences, args.length, args.policy)
+
+
+if __name__ == "__main__":
+    main()
