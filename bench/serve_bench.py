@@ -59,8 +59,15 @@ def naive_tokens_per_s(model_dir: Path, depth: int, new_tokens: int) -> float:
 
 
 async def one_stream(http: httpx.AsyncClient, depth: int, new_tokens: int) -> dict:
-    body = {"prompt": PROMPT, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-            "recurrence_depth": depth, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "recurrence_depth": depth,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first = None
     usage = {}
@@ -88,7 +95,7 @@ async def run_streams(url: str, depths: list[int], new_tokens: int) -> tuple[lis
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def main() -> None:

@@ -72,9 +72,7 @@ def calibrate(
             row["nll_vs_fixed_cap"] = row["nll"] / fixed[cap]["nll"] - 1
             row["loops_vs_fixed_cap"] = row["mean_depth"] / cap
             adaptive.append(row)
-            log(
-                f"{criterion} {threshold:g}: nll {row['nll']:.4f} mean depth {row['mean_depth']:.2f}"
-            )
+            log(f"{criterion} {threshold:g}: nll {row['nll']:.4f} depth {row['mean_depth']:.2f}")
     report = {
         "model": directory.name,
         "policy": policy,
