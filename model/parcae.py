@@ -43,6 +43,16 @@ class CausalContext:
         return sdpa(q, k, v, causal=q.shape[2] > 1)
 
 
+def frozen(module: nn.Module, name: str, params: tuple[Tensor, ...], build) -> Tensor:
+    """`build()` cached on `module` until one of `params` changes (in place or replaced): lets
+    inference reuse derived weights without a separate 'compile' step."""
+    stamp = tuple((p.data_ptr(), p._version) for p in params)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != stamp:
+        cached = module.__dict__[name] = (stamp, build())
+    return cached[1]
+
+
 def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
     """RMSNorm computed in fp32, cast back, then scaled (the reference's order)."""
     y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -114,14 +124,6 @@ class Attention(nn.Module):
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, kv_heads, bias=False) if ve else None
         self.qk_norm, self.clip, self.eps = cfg.qk_norm, cfg.clip_qkv, cfg.norm_eps
 
-    def _qkv_weight(self) -> Tensor:
-        """c_q, c_k, c_v stacked, so inference runs one matmul; rebuilt if any weight changes."""
-        ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
-        stamp = tuple((w.data_ptr(), w._version) for w in ws)
-        if getattr(self, "_qkv_stamp", None) != stamp:
-            self._qkv, self._qkv_stamp = torch.cat(ws).detach(), stamp
-        return self._qkv
-
     def forward(
         self, x: Tensor, rot: Tensor, ve: Tensor | None, ctx: AttentionContext, key: tuple
     ) -> Tensor:
@@ -130,7 +132,8 @@ class Attention(nn.Module):
         if torch.is_grad_enabled():
             qkv = torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], -1)
         else:
-            qkv = F.linear(x, self._qkv_weight())
+            ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
+            qkv = F.linear(x, frozen(self, "_qkv", ws, lambda: torch.cat(ws)))
         if self.clip is not None:
             qkv = qkv.clamp(-self.clip, self.clip)
         qkv = qkv.view(B, L, H + 2 * Hkv, hd).transpose(1, 2)
@@ -180,7 +183,11 @@ class DiagonalInjection(nn.Module):
         return F.softplus(self.dt_bias) * (e @ self.B.T)
 
     def forward(self, h: Tensor, prepared: Tensor) -> Tensor:
-        return h * self.decay() + prepared
+        if torch.is_grad_enabled():
+            return h * self.decay() + prepared
+        return torch.addcmul(
+            prepared, h, frozen(self, "_decay", (self.A_log, self.dt_bias), self.decay)
+        )
 
 
 class LinearInjection(nn.Module):

@@ -32,13 +32,20 @@ class InFlight:
     h: Tensor | None = None  # (n, d_rec)
     loop: int = 0  # loops completed
     active: Tensor | None = None  # (n,) bool: still looping
+    n_active: int = 0
     loops_used: Tensor | None = None  # (n,) long
     prev_logprobs: Tensor | None = None  # (n, V): last loop's distribution (kl criterion)
     exits: int = 0
 
     @property
     def done(self) -> bool:
-        return self.loop >= self.depth or not bool(self.active.any())
+        return self.loop >= self.depth or self.n_active == 0
+
+    def active_index(self) -> Tensor | None:
+        """Indices of the tokens still looping; None when all are (the common case)."""
+        if self.n_active == len(self.positions):
+            return None
+        return self.active.nonzero().squeeze(1)
 
 
 class ModelRunner:
@@ -62,6 +69,7 @@ class ModelRunner:
             g.prepared = prepared[offset : offset + n]
             g.h = self._initial_state(g, e)
             g.active = torch.ones(n, dtype=torch.bool)
+            g.n_active = n
             g.loops_used = torch.zeros(n, dtype=torch.long)
             offset += n
 
@@ -83,39 +91,53 @@ class ModelRunner:
     @torch.inference_mode()
     def loop(self, groups: list[InFlight]) -> None:
         """One loop for every still-active token of every group."""
-        parts = [self._active(g) for g in groups]
-        h = torch.cat([g.h[idx] for g, idx in zip(groups, parts, strict=True)]).unsqueeze(0)
-        prepared = torch.cat([g.prepared[idx] for g, idx in zip(groups, parts, strict=True)])
-        ids = torch.cat([g.ids[idx] for g, idx in zip(groups, parts, strict=True)]).unsqueeze(0)
-        positions = torch.cat([g.positions[idx] for g, idx in zip(groups, parts, strict=True)])
+        idxs = [g.active_index() for g in groups]
+
+        def gather(name: str) -> Tensor:
+            parts = [
+                getattr(g, name) if i is None else getattr(g, name)[i]
+                for g, i in zip(groups, idxs, strict=True)
+            ]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        positions = gather("positions")
         sub = [
-            AttentionGroup(g.seq.table, g.positions[idx], self.cache.policy.slot(g.loop, g.depth))
-            for g, idx in zip(groups, parts, strict=True)
+            AttentionGroup(
+                g.seq.table,
+                g.positions if i is None else g.positions[i],
+                self.cache.policy.slot(g.loop, g.depth),
+            )
+            for g, i in zip(groups, idxs, strict=True)
         ]
         ctx = PagedAttention(self.cache, sub, recurrent=True, n_prelude=self.n_prelude)
         rots = self.model.rotations(positions.to(self.device).unsqueeze(0))
-        new_h = self.model.core(h, prepared.unsqueeze(0), ids, rots, ctx, loop=0)[0]
+        h, prepared, ids = gather("h"), gather("prepared"), gather("ids")
+        new_h = self.model.core(h[None], prepared[None], ids[None], rots, ctx, loop=0)[0]
         offset = 0
-        for g, idx in zip(groups, parts, strict=True):
-            n = len(idx)
+        for g, idx in zip(groups, idxs, strict=True):
+            n = g.n_active
             out = new_h[offset : offset + n]
             offset += n
-            exited = self._exits(g, idx, g.h[idx], out)
-            g.h[idx] = out
-            g.loops_used[idx] += 1
+            before = g.h if idx is None else g.h[idx]
+            exited = self._exits(g, slice(None) if idx is None else idx, before, out)
+            if idx is None:
+                g.h = out
+                g.loops_used += 1
+            else:
+                g.h[idx] = out
+                g.loops_used[idx] += 1
             g.loop += 1
             if exited is not None and bool(exited.any()):
-                gone = idx[exited]
+                gone = exited.nonzero().squeeze(1) if idx is None else idx[exited]
                 g.active[gone] = False
+                g.n_active -= len(gone)
                 g.exits += len(gone)
                 if g.loop < g.depth:
                     self.cache.fill_skipped(g.seq.table, g.positions[gone], g.loop - 1)
 
-    @staticmethod
-    def _active(g: InFlight) -> Tensor:
-        return g.active.nonzero().squeeze(1)
-
-    def _exits(self, g: InFlight, idx: Tensor, before: Tensor, after: Tensor) -> Tensor | None:
+    def _exits(
+        self, g: InFlight, idx: Tensor | slice, before: Tensor, after: Tensor
+    ) -> Tensor | None:
         """Which of the active tokens `idx` stop after this loop (None: none can yet)."""
         rule = g.seq.request.loops.exit
         if rule is None:
@@ -138,7 +160,7 @@ class ModelRunner:
         kl = (logprobs.exp() * (logprobs - prev)).sum(-1).clamp_min(0)  # KL(p_t || p_{t-1})
         return (kl < rule.threshold).cpu()
 
-    def _probe_logprobs(self, g: InFlight, idx: Tensor, h: Tensor) -> Tensor:
+    def _probe_logprobs(self, g: InFlight, idx: Tensor | slice, h: Tensor) -> Tensor:
         """The coda's output distribution for the loop just run (writes coda K/V that the final
         coda pass overwrites at the same positions)."""
         ctx = PagedAttention(
