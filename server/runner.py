@@ -35,6 +35,7 @@ class InFlight:
     n_active: int = 0
     loops_used: Tensor | None = None  # (n,) long
     prev_logprobs: Tensor | None = None  # (n, V): last loop's distribution (kl criterion)
+    final_logits: Tensor | None = None  # (n, V): coda output already computed by kl probes
     exits: int = 0
 
     @property
@@ -150,34 +151,44 @@ class ModelRunner:
             return (delta / after.float().norm(dim=-1).clamp_min(1e-12) < rule.threshold).cpu()
         if ran + 1 < rule.min_depth:
             return None  # the first comparison that may exit needs this loop's distribution next
-        logprobs = self._probe_logprobs(g, idx, after)
+        logits = self._probe(g, idx, after)
+        logprobs = torch.log_softmax(logits, -1)
         if g.prev_logprobs is None:
             g.prev_logprobs = logprobs.new_empty(len(g.positions), logprobs.shape[-1])
+            g.final_logits = torch.empty_like(g.prev_logprobs)
         prev = g.prev_logprobs[idx]
         g.prev_logprobs[idx] = logprobs
+        g.final_logits[idx] = logits
         if ran < max(rule.min_depth, 2):
             return None
         kl = (logprobs.exp() * (logprobs - prev)).sum(-1).clamp_min(0)  # KL(p_t || p_{t-1})
         return (kl < rule.threshold).cpu()
 
-    def _probe_logprobs(self, g: InFlight, idx: Tensor | slice, h: Tensor) -> Tensor:
-        """The coda's output distribution for the loop just run (writes coda K/V that the final
-        coda pass overwrites at the same positions)."""
+    def _probe(self, g: InFlight, idx: Tensor | slice, h: Tensor) -> Tensor:
+        """The coda's logits for the loop just run. Each token's last probe is its final coda
+        pass (logits and coda K/V alike), so `coda` need not run again for kl groups."""
         ctx = PagedAttention(
             self.cache, [AttentionGroup(g.seq.table, g.positions[idx])], False, self.n_prelude
         )
         rots = self.model.rotations(g.positions[idx].to(self.device).unsqueeze(0))
-        logits = self.model.coda(h.unsqueeze(0), g.ids[idx].unsqueeze(0), rots, ctx)[0]
-        return torch.log_softmax(logits, -1)
+        return self.model.coda(h.unsqueeze(0), g.ids[idx].unsqueeze(0), rots, ctx)[0]
 
     # Stage C -------------------------------------------------------------------------------
     @torch.inference_mode()
     def coda(self, groups: list[InFlight]) -> Tensor:
         """Final states -> fp32 logits (N, V) of every token of the groups, in order."""
-        ids, positions = self._flat(groups)
-        h = torch.cat([g.h for g in groups]).unsqueeze(0)
-        ctx = self._ctx(groups, recurrent=False)
-        return self.model.coda(h, ids, self.model.rotations(positions), ctx)[0]
+        todo = [g for g in groups if g.final_logits is None]
+        if todo:
+            ids, positions = self._flat(todo)
+            h = torch.cat([g.h for g in todo]).unsqueeze(0)
+            ctx = self._ctx(todo, recurrent=False)
+            logits = self.model.coda(h, ids, self.model.rotations(positions), ctx)[0]
+            if len(todo) == len(groups):
+                return logits
+            sizes = [len(g.positions) for g in todo]
+            for g, part in zip(todo, logits.split(sizes), strict=True):
+                g.final_logits = part
+        return torch.cat([g.final_logits for g in groups])
 
     # Helpers -------------------------------------------------------------------------------
     def _flat(self, groups: list[InFlight]) -> tuple[Tensor, Tensor]:
