@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from model.tokenizer import Tokenizer
 from server.engine import Engine
+from server.kv_cache import LoopSlotPolicy
 from server.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -93,11 +94,12 @@ class CompletionService:
                 message = f"recurrence_exit.min_depth ({spec.min_depth}) exceeds depth {depth}"
                 raise APIError(400, message, param="recurrence_exit.min_depth")
             rule = RecurrenceExit(spec.criterion, spec.threshold, spec.min_depth)
-        loops = LoopParams(depth, rule, req.recurrence_warm_start)
+        loops = LoopParams(depth, rule, req.recurrence_warm_start, self._policy(req, depth))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         choices = []
         for p_idx, (text, ids) in enumerate(self._prompts(req.prompt)):
-            budget = min(self.limits.max_context, self.engine.capacity_tokens(depth)) - len(ids)
+            capacity = self.engine.capacity_tokens(depth, loops.kv_policy)
+            budget = min(self.limits.max_context, capacity) - len(ids)
             if budget < 0 or len(ids) >= self.limits.max_context:
                 raise APIError(400, f"This model's maximum context length is "
                                f"{self.limits.max_context} tokens; the prompt has {len(ids)}.",
@@ -109,6 +111,19 @@ class CompletionService:
                                 req.echo, stops, req.logprobs)  # fmt: skip
                 choices.append(choice)
         return choices
+
+    def _policy(self, req: CompletionRequest, depth: int) -> LoopSlotPolicy | None:
+        if req.kv_policy is None:
+            return None
+        try:
+            policy = LoopSlotPolicy.parse(req.kv_policy)
+        except ValueError as err:
+            raise APIError(400, str(err), param="kv_policy") from None
+        if not self.engine.cache.allows(policy, depth):
+            server = self.engine.cache.policy
+            message = f"kv_policy {policy} needs more cache slots than the server's {server}"
+            raise APIError(400, message, param="kv_policy")
+        return policy
 
     def _prompts(self, prompt) -> list[tuple[str, list[int]]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):

@@ -87,9 +87,9 @@ class Engine:
                 self.wake.clear()
 
     # Submission (any thread) ------------------------------------------------------------------
-    def capacity_tokens(self, depth: int) -> int:
+    def capacity_tokens(self, depth: int, policy: LoopSlotPolicy | None = None) -> int:
         """Most positions one depth-T sequence can ever hold in the cache."""
-        per_bundle = self.cache.bundle_bytes(self.cache.policy.num_slots(depth))
+        per_bundle = self.cache.bundle_bytes((policy or self.cache.policy).num_slots(depth))
         return self.cache.capacity_bytes // per_bundle * self.cache.block_size - 1
 
     def has_room(self, k: int = 1) -> bool:
@@ -288,7 +288,8 @@ class Engine:
         """Prefix blocks are shared only between requests whose K/V would be identical."""
         loops = seq.request.loops
         seeded = self.model.cfg.state_init != "zero" and seq.request.sampling.seed is not None
-        key = f"{loops.depth}|{self.cache.policy}|{loops.exit}|{loops.warm_start}|"
+        policy = loops.kv_policy or self.cache.policy
+        key = f"{loops.depth}|{policy}|{loops.exit}|{loops.warm_start}|"
         key += f"{seq.noise_seed}" if seeded else "-"
         return hashlib.sha256(key.encode()).digest()
 

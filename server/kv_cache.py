@@ -77,8 +77,9 @@ class BlockTable:
     attention gathers K/V with one index per layer and never re-stacks the cache."""
 
     depth: int
-    num_slots: int
+    policy: LoopSlotPolicy
     namespace: bytes
+    num_slots: int = field(init=False, default=0)
     bundles: list[Bundle] = field(default_factory=list)
     outer_rows: list[int] = field(default_factory=list)
     rec_rows: list[list[int]] = field(default_factory=list)
@@ -86,7 +87,11 @@ class BlockTable:
     _rec_t: Tensor | None = None
 
     def __post_init__(self) -> None:
+        self.num_slots = self.policy.num_slots(self.depth)
         self.rec_rows = [[] for _ in range(self.num_slots)]
+
+    def slot(self, loop: int) -> int:
+        return self.policy.slot(loop, self.depth)
 
     @property
     def capacity(self) -> int:
@@ -158,9 +163,10 @@ class KVCache:
     def bundle_bytes(self, num_slots: int) -> int:
         return self.block_size * (self.outer_token_bytes + num_slots * self.rec_token_bytes)
 
-    def token_bytes(self, depth: int) -> int:
-        """Cache bytes one token of a depth-T sequence holds under this policy."""
-        return self.outer_token_bytes + self.policy.num_slots(depth) * self.rec_token_bytes
+    def token_bytes(self, depth: int, policy: LoopSlotPolicy | None = None) -> int:
+        """Cache bytes per token of a depth-T sequence under a policy (default: the pool's)."""
+        slots = (policy or self.policy).num_slots(depth)
+        return self.outer_token_bytes + slots * self.rec_token_bytes
 
     @property
     def used_bytes(self) -> int:
@@ -180,8 +186,15 @@ class KVCache:
         return -(-tokens // self.block_size)
 
     # Allocation -----------------------------------------------------------------------------
-    def new_table(self, depth: int, namespace: bytes) -> BlockTable:
-        return BlockTable(depth, self.policy.num_slots(depth), namespace)
+    def new_table(
+        self, depth: int, namespace: bytes, policy: LoopSlotPolicy | None = None
+    ) -> BlockTable:
+        """A sequence's table; a request may bring its own policy (see `allows`)."""
+        return BlockTable(depth, policy or self.policy, namespace)
+
+    def allows(self, policy: LoopSlotPolicy, depth: int) -> bool:
+        """A per-request policy is safe when it needs no more slots than the server's."""
+        return policy.num_slots(depth) <= self.policy.num_slots(depth)
 
     def _take(self, num_slots: int) -> Bundle | None:
         while len(self.free_outer) < 1 or len(self.free_rec) < num_slots:
@@ -269,8 +282,8 @@ class KVCache:
     def fill_skipped(self, table: BlockTable, positions: Tensor, exit_loop: int) -> None:
         """A token that stopped after `exit_loop` leaves its last K/V in the slots of the loops it
         skipped, so later tokens read what it really wrote (copy-on-exit)."""
-        src = self.policy.slot(exit_loop, table.depth)
-        dst = {self.policy.slot(t, table.depth) for t in range(exit_loop + 1, table.depth)} - {src}
+        src = table.slot(exit_loop)
+        dst = {table.slot(t) for t in range(exit_loop + 1, table.depth)} - {src}
         if not dst:
             return
         rows = table.rec_index()[:, positions]

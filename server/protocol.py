@@ -60,6 +60,7 @@ class CompletionRequest(BaseModel):
     recurrence_depth: int | None = Field(default=None, ge=1)
     recurrence_exit: RecurrenceExitSpec | None = None
     recurrence_warm_start: bool = False
+    kv_policy: str | None = None  # per-request loop-slot policy, if no more slots than the server's
 
 
 class RecurrenceUsage(BaseModel):

@@ -106,7 +106,7 @@ class ModelRunner:
             AttentionGroup(
                 g.seq.table,
                 g.positions if i is None else g.positions[i],
-                self.cache.policy.slot(g.loop, g.depth),
+                g.seq.table.slot(g.loop),
             )
             for g, i in zip(groups, idxs, strict=True)
         ]

@@ -40,7 +40,8 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
-            table = self.cache.new_table(seq.request.loops.depth, namespace_of(seq))
+            loops = seq.request.loops
+            table = self.cache.new_table(loops.depth, namespace_of(seq), loops.kv_policy)
             reusable = seq.request.sampling.prompt_logprobs is None
             hit = self.cache.attach_prefix(table, seq.tokens) if reusable else 0
             if not self.cache.ensure(table, len(seq.tokens) + 1):

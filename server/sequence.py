@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from server.kv_cache import BlockTable
+from server.kv_cache import BlockTable, LoopSlotPolicy
 from server.sampling import SamplingParams
 
 _ids = itertools.count()
@@ -30,6 +30,7 @@ class LoopParams:
     depth: int
     exit: RecurrenceExit | None = None
     warm_start: bool = False
+    kv_policy: LoopSlotPolicy | None = None  # None: the server's
 
 
 @dataclass

@@ -269,3 +269,22 @@ def test_reported_depths_equal_loops_actually_run() -> None:
         assert all(2 <= d <= 10 for d in depths + prompt_depths)
     finally:
         eng.stop()
+
+
+def test_a_request_may_bring_a_policy_with_fewer_slots() -> None:
+    eng = Engine(random_model(NOISY), EngineConfig(SchedulerConfig(), kv_policy="per-loop"))
+    shared_pool = KVCache(NOISY, LoopSlotPolicy.parse("shared:1"), 2**20, typical_depth=3)
+    assert not shared_pool.allows(LoopSlotPolicy.parse("per-loop"), 8)
+    for policy, expected in ((None, 8), ("shared:1", 1), ("last:2", 2)):
+        assert policy is None or eng.cache.allows(LoopSlotPolicy.parse(policy), 8)
+        loops = LoopParams(8, kv_policy=policy and LoopSlotPolicy.parse(policy))
+        outputs: list = []
+        seq = eng.submit(EngineRequest(PROMPT, SamplingParams(max_tokens=3), loops), outputs.append)
+        eng.step()  # driven by hand: admitted and prefilled, not finished
+        assert seq.table.num_slots == expected
+        assert eng.cache.used_bytes == eng.cache.blocks_for(len(PROMPT) + 2) * (
+            eng.cache.bundle_bytes(expected)
+        )
+        while not outputs or outputs[-1].finish_reason is None:
+            eng.step()
+        assert eng.cache.used_bytes == 0

@@ -295,6 +295,7 @@ BAD = [
     (json.dumps({"prompt": []}), 400, "prompt"),
     (json.dumps({"prompt": "x", "model": "no-such-model"}), 404, "model"),
     (json.dumps({"prompt": {"a": 1}}), 400, "prompt"),
+    (json.dumps({"prompt": "x", "kv_policy": "every-other"}), 400, "kv_policy"),
 ]
 
 

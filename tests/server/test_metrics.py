@@ -83,3 +83,10 @@ def test_every_contract_metric_is_exported(fresh_server: str) -> None:
     ]  # fmt: skip
     for name in names:
         assert f"parcae_{name}" in text, name
+
+
+def test_request_policy_needing_more_slots_than_the_server_is_refused(fresh_server: str) -> None:
+    body = {"prompt": "x", "recurrence_depth": 4, "kv_policy": "per-loop"}
+    r = httpx.post(f"{fresh_server}/v1/completions", json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "kv_policy"
