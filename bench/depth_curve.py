@@ -38,12 +38,22 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(depths, losses, "o", color="black", label="fixed depth T")
     grid = [1 + i * (max(depths) - 1) / 200 for i in range(201)]
-    ax.plot(grid, [fit["L_inf"] + fit["Z"] * math.exp(-fit["z"] * t) for t in grid], "-",
-            color="gray", label=f"fit: {fit['L_inf']:.3f} + {fit['Z']:.3f}·exp(-{fit['z']:.3f}·T)")  # noqa: E501
+    ax.plot(
+        grid,
+        [fit["L_inf"] + fit["Z"] * math.exp(-fit["z"] * t) for t in grid],
+        "-",
+        color="gray",
+        label=f"fit: {fit['L_inf']:.3f} + {fit['Z']:.3f}·exp(-{fit['z']:.3f}·T)",
+    )
     for criterion, marker in (("kl", "s"), ("residual", "^")):
         rows = [r for r in cal["adaptive"] if r["criterion"] == criterion]
-        ax.plot([r["mean_depth"] for r in rows], [r["nll"] for r in rows], marker, alpha=0.8,
-                label=f"adaptive exit ({criterion}), cap T={rows[0]['depth']}")  # noqa: E501
+        ax.plot(
+            [r["mean_depth"] for r in rows],
+            [r["nll"] for r in rows],
+            marker,
+            alpha=0.8,
+            label=f"adaptive exit ({criterion}), cap T={rows[0]['depth']}",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("loops per token (mean)")
     ax.set_ylabel("held-out NLL (nats/token)")
