@@ -9,7 +9,8 @@ its own; an exited token costs no more compute and writes no more K/V.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from server.paged_attention import AttentionGroup, PagedAttention
 from server.sequence import Sequence
 
 NOISE_STRIDE = 1_000_003  # seed * stride + position: per-position h_0 noise streams
+_uids = itertools.count()
 
 
 @dataclass
@@ -36,6 +38,7 @@ class InFlight:
     loops_used: Tensor | None = None  # (n,) long
     prev_logprobs: Tensor | None = None  # (n, V): last loop's distribution (kl criterion)
     final_logits: Tensor | None = None  # (n, V): coda output already computed by kl probes
+    uid: int = field(default_factory=lambda: next(_uids))
     exits: int = 0
 
     @property
@@ -55,6 +58,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.n_prelude = model.cfg.n_layers_in_prelude
+        self._loop_key: tuple | None = None
+        self._loop_ctx: tuple[PagedAttention, dict] | None = None
 
     # Stage A -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -101,17 +106,7 @@ class ModelRunner:
             ]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        positions = gather("positions")
-        sub = [
-            AttentionGroup(
-                g.seq.table,
-                g.positions if i is None else g.positions[i],
-                g.seq.table.slot(g.loop),
-            )
-            for g, i in zip(groups, idxs, strict=True)
-        ]
-        ctx = PagedAttention(self.cache, sub, recurrent=True, n_prelude=self.n_prelude)
-        rots = self.model.rotations(positions.to(self.device).unsqueeze(0))
+        ctx, rots = self._loop_context(groups, idxs, gather)
         h, prepared, ids = gather("h"), gather("prepared"), gather("ids")
         new_h = self.model.core(h[None], prepared[None], ids[None], rots, ctx, loop=0)[0]
         offset = 0
@@ -135,6 +130,23 @@ class ModelRunner:
                 g.exits += len(gone)
                 if g.loop < g.depth:
                     self.cache.fill_skipped(g.seq.table, g.positions[gone], g.loop - 1)
+
+    def _loop_context(self, groups: list[InFlight], idxs, gather) -> tuple[PagedAttention, dict]:
+        """Attention indices and rotations for this loop, reused while the same tokens loop in
+        the same cache slots (every loop under shared:1), since building them is pure overhead."""
+        key = tuple((g.uid, g.seq.table.slot(g.loop), g.n_active) for g in groups)
+        if self._loop_key == key:
+            return self._loop_ctx
+        sub = [
+            AttentionGroup(
+                g.seq.table, g.positions if i is None else g.positions[i], g.seq.table.slot(g.loop)
+            )
+            for g, i in zip(groups, idxs, strict=True)
+        ]
+        ctx = PagedAttention(self.cache, sub, recurrent=True, n_prelude=self.n_prelude)
+        rots = self.model.rotations(gather("positions").to(self.device).unsqueeze(0))
+        self._loop_key, self._loop_ctx = key, (ctx, rots)
+        return ctx, rots
 
     def _exits(
         self, g: InFlight, idx: Tensor | slice, before: Tensor, after: Tensor
