@@ -88,7 +88,7 @@ def filter_logits(logits: Tensor, p: SamplingParams) -> Tensor:
 def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
     """Sample one token per row. Logprobs are those of the model's distribution (before
     temperature and filters), as OpenAI and vLLM report them."""
-    logits = logits.float()
+    logits = logits.float().cpu()  # per-request CPU generators; one small copy per step
     logprobs = torch.log_softmax(logits, -1)
     greedy = all(r.params.greedy and not r.params.penalised and not r.banned for r in rows)
     if greedy:
