@@ -120,6 +120,7 @@ def prompt_scores(
     logprobs: Tensor, targets: list[int], k: int
 ) -> list[tuple[float, list[tuple[int, float]]]]:
     """For each position, the logprob of the next prompt token and the top-k alternatives."""
+    logprobs = logprobs.float().cpu()
     idx = torch.tensor(targets).unsqueeze(1)
     chosen = logprobs.gather(1, idx).squeeze(1).tolist()
     if not k:
