@@ -54,7 +54,10 @@ def frozen(module: nn.Module, name: str, params: tuple[Tensor, ...], build) -> T
 
 
 def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
-    """RMSNorm computed in fp32, cast back, then scaled (the reference's order)."""
+    """RMSNorm computed in fp32, cast back, then scaled (the reference's order; in fp32 that is
+    one fused kernel)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
     return y if weight is None else y * weight
 
