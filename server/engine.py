@@ -154,7 +154,7 @@ class Engine:
             looping = [g for g in self.pool if not g.done]
             if looping:
                 self.runner.loop(looping)
-                self.metrics.batch.observe(sum(int(g.active.sum()) for g in looping))
+                self.metrics.batch.observe(sum(g.n_active for g in looping))
             done = [g for g in self.pool if g.done]
             if done:
                 break
@@ -249,7 +249,8 @@ class Engine:
             self.metrics.early_exits.inc(exits)
 
     def _complete(self, seq: Sequence, out: StepOutput) -> None:
-        if out.prompt_scores is None and seq.request.sampling.prompt_logprobs is not None:
+        scoring = seq.request.sampling.prompt_logprobs is not None
+        if scoring and out.prompt_scores is None and not seq.output:  # not sent with a token yet
             out.prompt_scores, out.prompt_depths = seq.prompt_scores, seq.prompt_depths
         seq.finished = True
         self.scheduler.retire(seq)

@@ -93,6 +93,8 @@ class Scheduler:
         seq.table, seq.computed, seq.in_flight = None, 0, False
         seq.last_h = None
         seq.preemptions += 1
+        if not seq.output:  # the prompt is scored again from scratch; once reported, kept
+            seq.prompt_depths, seq.prompt_scores = [], []
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
