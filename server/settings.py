@@ -6,8 +6,10 @@ import argparse
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.kv_cache import LoopSlotPolicy
 
 
 class ServerSettings(BaseSettings):
@@ -47,6 +49,12 @@ class ServerSettings(BaseSettings):
     drain_grace: float = Field(30.0, ge=0, description="seconds to finish requests on SIGTERM")
     log_level: str = Field("info", description="uvicorn log level")
 
+    @field_validator("kv_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        LoopSlotPolicy.parse(value)  # raises ValueError with the accepted forms
+        return value
+
 
 def parse_args(argv: list[str] | None = None) -> ServerSettings:
     """Flags override PARCAE_* variables, which override the defaults."""
@@ -58,11 +66,15 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     for name, field in ServerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"PARCAE_{name.upper()}"
-        default = field.default
-        help_text = f"{field.description} (default: {default}; env {env})"
+        default = "" if field.default is None else f"default: {field.default}; "
+        help_text = f"{field.description} ({default}env {env})"
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
     given = vars(parser.parse_args(argv))
-    return ServerSettings(**given)
+    try:
+        return ServerSettings(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        parser.error(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
 
 
 def default_kv_bytes(device: str) -> int:
