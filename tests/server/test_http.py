@@ -207,6 +207,17 @@ def test_client_disconnect_mid_stream_frees_the_slot(live_server: str) -> None:
     assert metric(live_server, 'parcae_requests_total{status="abort"}') == aborted + 1
 
 
+def test_client_gone_before_a_non_streaming_answer_frees_the_slot(live_server: str) -> None:
+    text = httpx.get(f"{live_server}/metrics").text
+    aborted = metric(live_server, 'parcae_requests_total{status="abort"}') if "abort" in text else 0
+    body = {"prompt": PROMPT, "max_tokens": 450, "ignore_eos": True, "recurrence_depth": 16}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_server}/v1/completions", json=body, timeout=0.5)
+    assert wait_for(lambda: metric(live_server, "parcae_requests_running") == 0)
+    assert metric(live_server, 'parcae_requests_total{status="abort"}') == aborted + 1
+    assert wait_for(lambda: metric(live_server, "parcae_kv_cache_used_bytes") == 0)
+
+
 def test_full_queue_answers_429_with_retry_after(tiny_model_dir) -> None:
     with running_server(tiny_model_dir, "--max-batch", "1", "--max-queue", "1") as server:
         url = server.url
