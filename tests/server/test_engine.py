@@ -288,3 +288,30 @@ def test_a_request_may_bring_a_policy_with_fewer_slots() -> None:
         while not outputs or outputs[-1].finish_reason is None:
             eng.step()
         assert eng.cache.used_bytes == 0
+
+
+@pytest.mark.parametrize("policy", ["per-loop", "shared:1", "shared:3", "first:2", "last:2"])
+def test_every_policy_serves_exits_and_frees_its_blocks(policy: str) -> None:
+    eng = make_engine(NOISY, policy)
+    try:
+        rule = RecurrenceExit("residual", 0.1, 2)
+        params = SamplingParams(max_tokens=10, temperature=0, seed=3)
+        out = eng.generate_sync(EngineRequest(PROMPT, params, LoopParams(12, rule)))
+        assert out[-1].finish_reason == "length" and len(tokens(out)) == 10
+        assert any(o.depth < 12 for o in out)  # some tokens exited and left K/V for skipped loops
+        wait_idle(eng)
+        assert eng.cache.used_bytes == 0
+    finally:
+        eng.stop()
+
+
+def test_slot_policies_map_loops_as_documented() -> None:
+    parse = LoopSlotPolicy.parse
+    assert [parse("per-loop").slot(t, 6) for t in range(6)] == [0, 1, 2, 3, 4, 5]
+    assert [parse("shared:2").slot(t, 6) for t in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert [parse("first:2").slot(t, 6) for t in range(6)] == [0, 1, 1, 1, 1, 1]
+    assert [parse("last:2").slot(t, 6) for t in range(6)] == [0, 0, 0, 0, 0, 1]
+    assert [parse("last:3").slot(t, 6) for t in range(6)] == [0, 0, 0, 0, 1, 2]
+    assert parse("shared:4").num_slots(2) == 2
+    with pytest.raises(ValueError, match="invalid KV policy"):
+        parse("mod:3")
