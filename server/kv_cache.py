@@ -157,6 +157,7 @@ class KVCache:
         self.free_rec = list(range(self.num_rec_blocks))[::-1]
         self.prefix: dict[bytes, Bundle] = {}
         self.evictable: OrderedDict[bytes, Bundle] = OrderedDict()  # LRU of unreferenced blocks
+        self.evictable_rec = 0  # recurrent blocks held by evictable bundles (kept, not summed)
         self.prefix_queries = self.prefix_hits = 0
 
     # Accounting -----------------------------------------------------------------------------
@@ -172,14 +173,14 @@ class KVCache:
     def used_bytes(self) -> int:
         """Bytes held by live sequences (evictable prefix blocks count as free)."""
         free_o = len(self.free_outer) + len(self.evictable)
-        free_r = len(self.free_rec) + sum(len(b.recurrent) for b in self.evictable.values())
+        free_r = len(self.free_rec) + self.evictable_rec
         return self.capacity_bytes - self.block_size * (
             free_o * self.outer_token_bytes + free_r * self.rec_token_bytes
         )
 
     def can_allocate(self, bundles: int, num_slots: int) -> bool:
         outer = len(self.free_outer) + len(self.evictable)
-        rec = len(self.free_rec) + sum(len(b.recurrent) for b in self.evictable.values())
+        rec = len(self.free_rec) + self.evictable_rec
         return outer >= bundles and rec >= bundles * num_slots
 
     def blocks_for(self, tokens: int) -> int:
@@ -201,6 +202,7 @@ class KVCache:
             if not self.evictable:
                 return None
             _, old = self.evictable.popitem(last=False)
+            self.evictable_rec -= len(old.recurrent)
             self._release(old)
         return Bundle(self.free_outer.pop(), [self.free_rec.pop() for _ in range(num_slots)])
 
@@ -237,6 +239,7 @@ class KVCache:
             if bundle.refs == 0:
                 if bundle.key is not None and self.prefix.get(bundle.key) is bundle:
                     self.evictable[bundle.key] = bundle
+                    self.evictable_rec += len(bundle.recurrent)
                 else:
                     self._release(bundle)
         table.bundles.clear()
@@ -262,7 +265,8 @@ class KVCache:
             if bundle is None:
                 break
             if bundle.refs == 0:
-                self.evictable.pop(key, None)
+                del self.evictable[key]
+                self.evictable_rec -= len(bundle.recurrent)
             bundle.refs += 1
             self._append(table, bundle)
             hits += 1
