@@ -7,10 +7,10 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from model.tokenizer import Tokenizer
-from server.engine import Engine
+from server.engine import Engine, QueueFull
 from server.kv_cache import LoopSlotPolicy
 from server.protocol import (
     CompletionChoice,
@@ -22,7 +22,7 @@ from server.protocol import (
     completion_id,
 )
 from server.sampling import SamplingParams
-from server.sequence import EngineRequest, LoopParams, RecurrenceExit, StepOutput
+from server.sequence import EngineRequest, LoopParams, RecurrenceExit, Sequence, StepOutput
 from server.text import ChoiceText
 
 
@@ -71,7 +71,8 @@ class Choice:
     positions: int = 0
     error: str | None = None
     offset: int = 0  # length of text so far (for logprobs.text_offset)
-    events: list[StepOutput] = field(default_factory=list)
+    seq: Sequence | None = None
+    outputs: AsyncIterator[StepOutput] | None = None
 
 
 class CompletionService:
@@ -96,6 +97,9 @@ class CompletionService:
             rule = RecurrenceExit(spec.criterion, spec.threshold, spec.min_depth)
         loops = LoopParams(depth, rule, req.recurrence_warm_start, self._policy(req, depth))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        vocab = self.limits.vocab_size
+        if any(not 0 <= t < vocab for t in req.stop_token_ids or []):
+            raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         choices = []
         for p_idx, (text, ids) in enumerate(self._prompts(req.prompt)):
             capacity = self.engine.capacity_tokens(depth, loops.kv_policy)
@@ -133,7 +137,10 @@ class CompletionService:
         out = []
         for p in prompt:
             if isinstance(p, str):
-                out.append((p, self.tokenizer.encode(p)))
+                ids = self.tokenizer.encode(p)
+                if not ids:  # a tokenizer without BOS and an empty string
+                    raise APIError(400, "prompt must not be empty", param="prompt")
+                out.append((p, ids))
                 continue
             if not p:
                 raise APIError(400, "a token prompt must not be empty", param="prompt")
@@ -180,7 +187,9 @@ class CompletionService:
                 self._prompt_logprobs(choice, out, logp)
         if out.token is not None:
             choice.completion_tokens += 1
-            delta = choice.text.push(out.token)
+            stop_ids = choice.request.sampling.stop_token_ids
+            if not (out.finish_reason == "stop" and out.token in stop_ids):  # vLLM drops its text
+                delta = choice.text.push(out.token)
             if logp is not None:
                 top = {self.tokenizer.token_text(t): lp for t, lp in out.top}
                 self._add(
@@ -227,13 +236,30 @@ class CompletionService:
         logp.top_logprobs.append(top)
         logp.depths.append(depth)
 
+    def _submit(self, choices: list[Choice]) -> None:
+        """Put every choice into the engine before any response starts: a full queue is a 429
+        for the whole request, never a half-answered one."""
+        try:
+            for choice in choices:
+                choice.seq, choice.outputs = self.engine.open(choice.request)
+        except QueueFull:
+            self._abort_unfinished(choices)
+            raise
+
+    def _abort_unfinished(self, choices: list[Choice]) -> None:
+        for choice in choices:
+            if choice.seq is not None and not choice.seq.finished:
+                self.engine.abort(choice.seq)
+
     async def _run(self, choice: Choice) -> AsyncIterator[tuple[str, Logprobs | None]]:
-        """Drive one choice through the engine; stops (and aborts) once a stop string is hit."""
-        async with aclosing(self.engine.stream(choice.request)) as outputs:
+        """Drive one choice through the engine; ends it early once a stop string is seen."""
+        async with aclosing(choice.outputs) as outputs:
             async for out in outputs:
                 choice.loops, choice.positions = out.total_loops, out.positions
                 yield self._apply(choice, out)
                 if choice.finish_reason is not None:
+                    if out.finish_reason is None:  # a stop string, seen here at the edge
+                        self.engine.abort(choice.seq, "stop")
                     break
 
     @staticmethod
@@ -253,13 +279,17 @@ class CompletionService:
     # Non-streaming --------------------------------------------------------------------------------
     async def complete(self, req: CompletionRequest) -> CompletionResponse:
         choices = self.prepare(req)
+        self._submit(choices)
 
         async def one(choice: Choice) -> None:
             self._start(choice)
             async for _ in self._run(choice):
                 pass
 
-        await asyncio.gather(*(one(c) for c in choices))
+        try:
+            await asyncio.gather(*(one(c) for c in choices))
+        finally:
+            self._abort_unfinished(choices)  # cancelled (client gone) before reading everything
         self._raise_engine_error(choices)
         return CompletionResponse(
             model=self.limits.model_name,
@@ -286,6 +316,7 @@ class CompletionService:
         """Server-sent events exactly as OpenAI / vLLM send them. Validation happens before the
         first byte, so errors still get a proper status code."""
         choices = self.prepare(req)
+        self._submit(choices)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return self._events(choices, include_usage, req.n)
 
@@ -345,6 +376,7 @@ class CompletionService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._abort_unfinished(choices)
 
 
 def _sse(body: dict) -> str:

@@ -22,7 +22,7 @@ from model.parcae import Parcae
 from server.kv_cache import KVCache, LoopSlotPolicy
 from server.metrics import Metrics
 from server.runner import InFlight, ModelRunner
-from server.sampling import SampleRow, prompt_scores, sample
+from server.sampling import Sampled, SampleRow, prompt_scores, sample
 from server.scheduler import QueueFull, Scheduler, SchedulerConfig, Work
 from server.sequence import EngineRequest, Sequence, StepOutput
 
@@ -61,7 +61,8 @@ class Engine:
         self.pool: list[InFlight] = []
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.pending = 0  # submitted and not yet finished (read by /health drain)
+        self.pending = 0  # submitted and not yet finished (read by the SIGTERM drain)
+        self._pending_lock = threading.Lock()
         self._prefix_seen = (0, 0)
 
     # Lifecycle ------------------------------------------------------------------------------
@@ -88,9 +89,11 @@ class Engine:
 
     # Submission (any thread) ------------------------------------------------------------------
     def capacity_tokens(self, depth: int, policy: LoopSlotPolicy | None = None) -> int:
-        """Most positions one depth-T sequence can ever hold in the cache."""
-        per_bundle = self.cache.bundle_bytes((policy or self.cache.policy).num_slots(depth))
-        return self.cache.capacity_bytes // per_bundle * self.cache.block_size - 1
+        """Most positions one depth-T sequence can ever hold in the cache (whichever of the two
+        pools runs out first)."""
+        cache = self.cache
+        slots = (policy or cache.policy).num_slots(depth)
+        return min(cache.num_outer_blocks, cache.num_rec_blocks // slots) * cache.block_size - 1
 
     def has_room(self, k: int = 1) -> bool:
         """Can k more sequences start or wait without exceeding the queue bound?"""
@@ -103,20 +106,28 @@ class Engine:
         if not self.has_room():
             raise QueueFull
         seq = Sequence(request, emit)
-        self.pending += 1
+        with self._pending_lock:
+            self.pending += 1
         self.inbox.put(("add", seq))
         self.wake.set()
         return seq
 
-    def abort(self, seq: Sequence) -> None:
-        self.inbox.put(("abort", seq))
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """End a sequence at the next step (client gone: "abort"; stop string seen: "stop")."""
+        self.inbox.put((reason, seq))
         self.wake.set()
 
-    async def stream(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
-        """Submit and yield outputs; leaving early (client gone) aborts the sequence."""
+    def open(self, request: EngineRequest) -> tuple[Sequence, AsyncIterator[StepOutput]]:
+        """Submit now (QueueFull is raised here, before any response starts) and return the
+        sequence with an iterator over its outputs; leaving the iterator early aborts it."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         seq = self.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        return seq, self._outputs(seq, outputs)
+
+    async def _outputs(
+        self, seq: Sequence, outputs: asyncio.Queue[StepOutput]
+    ) -> AsyncIterator[StepOutput]:
         finished = False
         try:
             while not finished:
@@ -182,7 +193,8 @@ class Engine:
             if end <= seq.num_prompt:
                 seq.prompt_depths += used
                 self._score_prompt(seq, logits[offset : offset + n], int(g.positions[0]))
-                self.cache.publish_prefix(seq.table, seq.tokens[: seq.num_prompt], end)
+                if seq.table.exact:
+                    self.cache.publish_prefix(seq.table, seq.tokens[: seq.num_prompt], end)
             if end == len(seq.tokens) and not seq.finished:
                 if seq.request.sampling.max_tokens == 0:
                     self._complete(seq, StepOutput(finish_reason="length"))
@@ -216,7 +228,10 @@ class Engine:
                 SampleRow(p, seq.sample_gen, seq.tokens[: seq.num_prompt], seq.output, banned)
             )
         now = time.monotonic()
-        for (seq, depth), s in zip(items, sample(logits, rows), strict=True):
+        for (seq, depth), s in zip(items, self._sample(logits, rows), strict=True):
+            if isinstance(s, str):
+                self._complete(seq, StepOutput(finish_reason="error", error=s))
+                continue
             p = seq.request.sampling
             seq.tokens.append(s.token)
             seq.depths.append(depth)
@@ -241,6 +256,20 @@ class Engine:
                 self._send(seq, out)
         self.metrics.generation_tokens.inc(len(items))
 
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | str]:
+        """Batched sampling; if it fails, row by row, so one bad row fails only its sequence."""
+        try:
+            return list(sample(logits, rows))
+        except Exception:
+            out: list[Sampled | str] = []
+            for i, row in enumerate(rows):
+                try:
+                    out.append(sample(logits[i : i + 1], [row])[0])
+                except Exception as err:
+                    out.append(f"sampling failed: {err!r}")
+            return out
+
     def _account(self, loops: list[int], exits: int) -> None:
         self.metrics.loops.inc(sum(loops))
         for depth in loops:
@@ -254,7 +283,8 @@ class Engine:
             out.prompt_scores, out.prompt_depths = seq.prompt_scores, seq.prompt_depths
         seq.finished = True
         self.scheduler.retire(seq)
-        self.pending -= 1
+        with self._pending_lock:
+            self.pending -= 1
         self.metrics.requests.labels(out.finish_reason).inc()
         self.metrics.e2e.observe(time.monotonic() - seq.arrival)
         if seq.first_token_at is not None and len(seq.output) > 1:
@@ -277,7 +307,7 @@ class Engine:
             elif not seq.finished:
                 self.pool = [g for g in self.pool if g.seq is not seq]
                 seq.in_flight = False
-                self._complete(seq, StepOutput(finish_reason="abort"))
+                self._complete(seq, StepOutput(finish_reason=kind))
 
     def _fail_all(self, message: str) -> None:
         self.pool = []

@@ -94,6 +94,12 @@ class BlockTable:
         return self.policy.slot(loop, self.depth)
 
     @property
+    def exact(self) -> bool:
+        """Every loop keeps its own K/V: chunked prefill and prefix reuse reproduce the no-cache
+        forward. With fewer slots, earlier positions keep only their last loops' K/V."""
+        return self.num_slots >= self.depth
+
+    @property
     def capacity(self) -> int:
         return len(self.outer_rows)
 
@@ -258,7 +264,6 @@ class KVCache:
     def attach_prefix(self, table: BlockTable, prompt: list[int]) -> int:
         """Reuse cached full blocks of `prompt` (never its last token, whose logits are needed);
         returns how many positions are already computed."""
-        self.prefix_queries += 1
         hits = 0
         for key in self._chain(table.namespace, prompt[:-1]):
             bundle = self.prefix.get(key)
@@ -270,8 +275,6 @@ class KVCache:
             bundle.refs += 1
             self._append(table, bundle)
             hits += 1
-        if hits:
-            self.prefix_hits += 1
         return hits * self.block_size
 
     def publish_prefix(self, table: BlockTable, prompt: list[int], computed: int) -> None:

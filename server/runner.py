@@ -189,7 +189,9 @@ class ModelRunner:
     @torch.inference_mode()
     def coda(self, groups: list[InFlight]) -> Tensor:
         """Final states -> fp32 logits (N, V) of every token of the groups, in order."""
-        todo = [g for g in groups if g.final_logits is None]
+        # a kl probe is final only for a single token: within a chunk, a token that exited
+        # early read earlier tokens' coda K/V from loops they had not finished
+        todo = [g for g in groups if g.final_logits is None or len(g.positions) > 1]
         if todo:
             ids, positions = self._flat(todo)
             h = torch.cat([g.h for g in todo]).unsqueeze(0)

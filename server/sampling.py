@@ -27,7 +27,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-5  # as vLLM: tinier temperatures only overflow
 
     @property
     def penalised(self) -> bool:
@@ -102,6 +102,8 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
     for i, row in enumerate(rows):
         k = row.params.logprobs or 0
         top = list(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist(), strict=True)) if k else []
+        if k and all(t != tokens[i] for t, _ in top):  # OpenAI always lists the sampled token
+            top.append((tokens[i], chosen[i]))
         out.append(Sampled(tokens[i], chosen[i], top))
     return out
 

@@ -42,11 +42,14 @@ class Scheduler:
             seq = self.waiting[0]
             loops = seq.request.loops
             table = self.cache.new_table(loops.depth, namespace_of(seq), loops.kv_policy)
-            reusable = seq.request.sampling.prompt_logprobs is None
+            # reusing blocks is exact only when they keep every loop's K/V (see BlockTable.exact)
+            reusable = seq.request.sampling.prompt_logprobs is None and table.exact
             hit = self.cache.attach_prefix(table, seq.tokens) if reusable else 0
             if not self.cache.ensure(table, len(seq.tokens) + 1):
                 self.cache.free(table)
                 break
+            self.cache.prefix_queries += reusable
+            self.cache.prefix_hits += hit > 0
             self.waiting.popleft()
             seq.table, seq.computed = table, hit
             seq.admitted_at = seq.admitted_at or time.monotonic()
@@ -65,8 +68,9 @@ class Scheduler:
             if remaining > 1:
                 if budget <= 0:
                     continue
-                end = start + min(remaining, budget)
-                budget -= end - start
+                # a lossy policy prefills in one chunk: loop t then sees every position's loop t
+                take = min(remaining, budget) if seq.table.exact else remaining
+                end, budget = start + take, budget - take
             else:
                 end = start + 1
             if not self._grow(seq, end + 1):

@@ -184,7 +184,7 @@ def test_pool_exhaustion_queues_then_preempts_and_still_matches_reference() -> N
 
 
 def test_prefix_hit_skips_prefill_and_gives_identical_greedy_output() -> None:
-    eng = make_engine(NOISY, "shared:1", block_size=4)
+    eng = make_engine(NOISY, "per-loop", block_size=4)
     try:
         long_prompt = list(range(3, 40))
         params = SamplingParams(max_tokens=6, temperature=0, seed=7)
@@ -315,3 +315,34 @@ def test_slot_policies_map_loops_as_documented() -> None:
     assert parse("shared:4").num_slots(2) == 2
     with pytest.raises(ValueError, match="invalid KV policy"):
         parse("mod:3")
+
+
+def test_lossy_policy_prefills_exactly_in_one_chunk_and_never_reuses_prefixes() -> None:
+    """shared:1 keeps one slot: a later chunk could only read the last loop of earlier ones, so
+    the prompt goes through in one chunk and its blocks are not shared."""
+    eng = make_engine(ZERO_INIT, "shared:1", block_size=4, prefill_chunk=4)
+    try:
+        prompt = list(range(3, 30))
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        out = eng.generate_sync(EngineRequest(prompt, params, LoopParams(4)))
+        scores = [lp for lp, _ in out[-1].prompt_scores]
+        ref = torch.log_softmax(eng.model(torch.tensor([prompt]), 4)[0, :-1], -1)
+        expected = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+        assert torch.allclose(torch.tensor(scores), expected, atol=1e-5)
+        eng.generate_sync(EngineRequest(prompt, SamplingParams(max_tokens=1), LoopParams(4)))
+        assert eng.cache.prefix_hits == 0 and not eng.cache.prefix
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize(("policy", "depth"), [("per-loop", 12), ("per-loop", 1), ("shared:2", 9)])
+def test_reported_capacity_is_what_the_pool_admits(policy: str, depth: int) -> None:
+    eng = Engine(random_model(ZERO_INIT), EngineConfig(SchedulerConfig(), policy, 2 * 2**20))
+    capacity = eng.capacity_tokens(depth)
+    cache = eng.cache
+    assert cache.ensure(cache.new_table(depth, b""), capacity + 1)
+    assert not cache.ensure(cache.new_table(depth, b""), cache.block_size * 2**12)
+    fresh = Engine(random_model(ZERO_INIT), EngineConfig(SchedulerConfig(), policy, 2 * 2**20))
+    assert not fresh.cache.ensure(
+        fresh.cache.new_table(depth, b""), capacity + 2 + cache.block_size
+    )

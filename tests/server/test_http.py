@@ -237,6 +237,35 @@ def test_full_queue_answers_429_with_retry_after(tiny_model_dir) -> None:
         assert wait_for(lambda: metric(url, "parcae_kv_cache_used_bytes") == 0)
 
 
+def test_tiny_temperature_samples_like_greedy(client: openai.OpenAI) -> None:
+    out = client.completions.create(
+        model=model_id(client), prompt=PROMPT, max_tokens=6, temperature=1e-45, seed=3,
+        extra_body={"recurrence_depth": 3},
+    )  # fmt: skip
+    assert out.choices[0].text == greedy(client, 3, max_tokens=6).choices[0].text
+
+
+def test_full_queue_refuses_streams_with_429_before_the_stream_starts(tiny_model_dir) -> None:
+    with running_server(tiny_model_dir, "--max-batch", "1", "--max-queue", "0") as server:
+
+        async def burst() -> list[tuple[int, list[str]]]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+                body = {"prompt": PROMPT, "max_tokens": 48, "ignore_eos": True, "stream": True}
+
+                async def one() -> tuple[int, list[str]]:
+                    async with http.stream("POST", "/v1/completions", json=body) as r:
+                        return r.status_code, [x async for x in r.aiter_lines() if x]
+
+                return await asyncio.gather(*(one() for _ in range(4)))
+
+        results = asyncio.run(burst())
+        assert {status for status, _ in results} == {200, 429}
+        for status, lines in results:
+            if status == 200:  # a started stream always carries its tokens and a finish reason
+                assert lines[-1] == "data: [DONE]" and len(lines) > 2
+        assert wait_for(lambda: metric(server.url, "parcae_kv_cache_used_bytes") == 0)
+
+
 def test_api_key_is_required_when_set(tiny_model_dir) -> None:
     with running_server(tiny_model_dir, "--api-key", "s3cret") as server:
         url = server.url
@@ -307,6 +336,13 @@ BAD = [
     (json.dumps({"prompt": "x", "model": "no-such-model"}), 404, "model"),
     (json.dumps({"prompt": {"a": 1}}), 400, "prompt"),
     (json.dumps({"prompt": "x", "kv_policy": "every-other"}), 400, "kv_policy"),
+    (
+        json.dumps({"prompt": "x", "stop_token_ids": [10**6], "min_tokens": 2}),
+        400,
+        "stop_token_ids",
+    ),
+    (json.dumps({"prompt": "x", "stop_token_ids": [-1]}), 400, "stop_token_ids"),
+    (json.dumps({"prompt": "x", "repetition_penalty": 1e-300}), 400, "repetition_penalty"),
 ]
 
 
