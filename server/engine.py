@@ -152,7 +152,8 @@ class Engine:
         self._drain_inbox()
         sched = self.scheduler
         for seq in sched.admit(self._namespace):
-            self.metrics.queue_time.observe(seq.admitted_at - seq.arrival)
+            if not seq.preemptions:  # a readmission after preemption is not queueing time
+                self.metrics.queue_time.observe(seq.admitted_at - seq.arrival)
         work = sched.plan()
         if work:
             groups = [self._in_flight(w) for w in work]
