@@ -64,24 +64,27 @@ def _find(tok: HFTokenizer, names: list[str | None]) -> int | None:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text deltas without splitting multi-byte characters:
-    text is emitted only once it no longer ends in a replacement character."""
+    """Turns a growing list of ids into text deltas without splitting multi-byte characters, in
+    constant work per token: only a short window of recent ids is decoded (TGI's scheme)."""
 
-    def __init__(self, tokenizer: Tokenizer, ids: list[int] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(ids or [])
-        self.prefix_offset = len(self.ids)
-        self.emitted = ""
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the window decoded for context
+        self.read_offset = 0  # ids before this are already released
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.emitted = text[len(self.emitted) :], text
-        return delta
+        return self._advance(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        delta, self.emitted = text[len(self.emitted) :], text
-        return delta
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix_offset : self.read_offset])
+        text = decode(self.ids[self.prefix_offset :])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""  # nothing new yet, or a character still incomplete
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(before) :]
