@@ -62,6 +62,8 @@ def build(state: ServerState) -> None:
     s = state.settings
     model_dir = Path(s.model) if s.model else builtin_checkpoint()
     device, dtype = resolve_device(s)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     tokenizer = load_tokenizer(model_dir, s.tokenizer)
     model: Parcae = load_checkpoint(model_dir, device=device, dtype=dtype)
     cfg = model.cfg

@@ -32,14 +32,18 @@ class PagedAttention:
         self.cache, self.recurrent, self.n_prelude = cache, recurrent, n_prelude
         device = cache.outer_k.device
         rows = [self._rows(g) for g in groups]
-        self.write_rows = torch.cat([r[g.positions] for r, g in zip(rows, groups, strict=True)])
-        self.write_rows = self.write_rows.to(device)
+        positions = [g.positions.tolist() for g in groups]
+        write: list[int] = []  # built from Python lists: one tensor, not one index op per group
+        for g, pos in zip(groups, positions, strict=True):
+            table_rows = g.table.rec_rows[g.slot] if recurrent else g.table.outer_rows
+            write.extend(table_rows[p] for p in pos)
+        self.write_rows = torch.tensor(write, device=device)
         n_dec = 0
-        while n_dec < len(groups) and len(groups[n_dec].positions) == 1:
+        while n_dec < len(groups) and len(positions[n_dec]) == 1:
             n_dec += 1
         self.n_dec = n_dec
         if n_dec:
-            lengths = torch.tensor([int(g.positions[0]) + 1 for g in groups[:n_dec]])
+            lengths = torch.tensor([pos[0] + 1 for pos in positions[:n_dec]])
             self.dec_rows = pad_sequence(
                 [r[:n] for r, n in zip(rows, lengths.tolist(), strict=False)], batch_first=True
             ).to(device)

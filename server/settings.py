@@ -43,6 +43,9 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="KV-cache pool size (default: a share of free memory)"
     )
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for the model's kernels (default: torch's choice)"
+    )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY'")
