@@ -48,7 +48,9 @@ def prefix_ttft(model_dir: Path, tokenizer: Tokenizer, prompt_tokens: int) -> di
     text = " ".join(f"value_{i} = compute({i})" for i in range(prompt_tokens))
     ids = tokenizer.encode(text)[:prompt_tokens]
     body = {"prompt": ids, "max_tokens": 1, "temperature": 0, "seed": 1}
-    with running_server(model_dir, "--kv-cache-bytes", str(BUDGET)) as server:
+    # prefix blocks are shared only where exact: every loop keeps its own K/V (per-loop)
+    flags = ("--kv-cache-bytes", str(BUDGET), "--kv-policy", "per-loop")
+    with running_server(model_dir, *flags) as server:
         times = []
         for _ in range(3):
             start = time.perf_counter()

@@ -168,7 +168,7 @@ class ModelRunner:
         if g.prev_logprobs is None:
             g.prev_logprobs = logprobs.new_empty(len(g.positions), logprobs.shape[-1])
             g.final_logits = torch.empty_like(g.prev_logprobs)
-        prev = g.prev_logprobs[idx]
+        prev = g.prev_logprobs[idx].clone()  # a view when idx is a slice: keep it from the write
         g.prev_logprobs[idx] = logprobs
         g.final_logits[idx] = logits
         if ran < max(rule.min_depth, 2):

@@ -346,3 +346,16 @@ def test_reported_capacity_is_what_the_pool_admits(policy: str, depth: int) -> N
     assert not fresh.cache.ensure(
         fresh.cache.new_table(depth, b""), capacity + 2 + cache.block_size
     )
+
+
+def test_kl_exit_compares_successive_loops_not_a_loop_with_itself() -> None:
+    """A tiny threshold must not stop tokens that still change between loops."""
+    eng = make_engine(NOISY, "per-loop")
+    try:
+        params = SamplingParams(max_tokens=5, temperature=0, seed=2)
+        out = eng.generate_sync(
+            EngineRequest(PROMPT, params, LoopParams(6, RecurrenceExit("kl", 1e-12, 1)))
+        )
+        assert [o.depth for o in out] == [6] * 5
+    finally:
+        eng.stop()
