@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,8 +63,8 @@ def build(state: ServerState) -> None:
     s = state.settings
     model_dir = Path(s.model) if s.model else builtin_checkpoint()
     device, dtype = resolve_device(s)
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    if device == "cpu":  # small kernels: a core left to the event loop beats a second worker
+        torch.set_num_threads(s.threads or max(1, (os.cpu_count() or 2) - 1))
     tokenizer = load_tokenizer(model_dir, s.tokenizer)
     model: Parcae = load_checkpoint(model_dir, device=device, dtype=dtype)
     cfg = model.cfg
