@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import logging
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
