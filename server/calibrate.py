@@ -24,7 +24,10 @@ from model.train import is_heldout, read_texts, stdlib_files
 from server.evaluation import teacher_forced_nll
 from server.sequence import RecurrenceExit
 
-THRESHOLDS = {"kl": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "residual": [0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3]}
+THRESHOLDS = {
+    "kl": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1],
+    "residual": [0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3],
+}
 
 
 def heldout_sequences(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:

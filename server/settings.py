@@ -44,7 +44,9 @@ class ServerSettings(BaseSettings):
     )
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for the model's kernels (default: cores - 1, one left for HTTP)"
+        None,
+        ge=1,
+        description="CPU threads for the model's kernels (default: cores - 1, one left for HTTP)",
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")
