@@ -74,7 +74,6 @@ def build(state: ServerState) -> None:
         kv_policy=s.kv_policy,
         kv_cache_bytes=s.kv_cache_bytes or default_kv_bytes(device),
         block_size=s.block_size,
-        max_depth=s.max_depth,
         eos_id=tokenizer.eos_id,
     )
     engine = Engine(model, engine_cfg, state.metrics)

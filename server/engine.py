@@ -35,7 +35,6 @@ class EngineConfig:
     kv_policy: str = "per-loop"
     kv_cache_bytes: int = 256 * 2**20
     block_size: int = 16
-    max_depth: int = 64
     eos_id: int | None = None
 
 

@@ -8,7 +8,6 @@ whole-sequence forward (prefill) would not show.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -79,6 +78,3 @@ def teacher_forced_nll(
         cache_bytes_per_token=float(cache.token_bytes(depth)),
     )
 
-
-def perplexity(nll: float) -> float:
-    return math.exp(nll)
