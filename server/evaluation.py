@@ -77,4 +77,3 @@ def teacher_forced_nll(
         tokens_per_s=n / elapsed,
         cache_bytes_per_token=float(cache.token_bytes(depth)),
     )
-
