@@ -192,9 +192,8 @@ class CompletionService:
                 delta = choice.text.push(out.token)
             if logp is not None:
                 top = {self.tokenizer.token_text(t): lp for t, lp in out.top}
-                self._add(
-                    logp, choice, self.tokenizer.token_text(out.token), out.logprob, top, out.depth
-                )
+                text = self.tokenizer.token_text(out.token)
+                self._add(logp, choice.offset, text, out.logprob, top, out.depth)
         if out.finish_reason is not None or choice.text.stopped:
             delta += choice.text.finish()
             choice.finish_reason = "stop" if choice.text.stopped else out.finish_reason
@@ -210,27 +209,17 @@ class CompletionService:
         scores, depths, ids = out.prompt_scores, out.prompt_depths or [], choice.prompt_ids
         offset = 0
         for i, token in enumerate(ids):
-            text = self.tokenizer.token_text(token)
-            if i == 0:
-                logp.text_offset.append(offset)
-                logp.tokens.append(text)
-                logp.token_logprobs.append(None)
-                logp.top_logprobs.append(None)
-                logp.depths.append(None)
-            else:
-                lp, top = scores[i - 1] if i - 1 < len(scores) else (None, [])
-                top_d = {self.tokenizer.token_text(t): v for t, v in top}
+            lp, top, depth = None, None, None  # the first token has no prediction
+            if i > 0:
+                lp, alternatives = scores[i - 1] if i - 1 < len(scores) else (None, [])
+                top = {self.tokenizer.token_text(t): v for t, v in alternatives}
                 depth = depths[i - 1] if i - 1 < len(depths) else None
-                logp.text_offset.append(offset)
-                logp.tokens.append(text)
-                logp.token_logprobs.append(lp)
-                logp.top_logprobs.append(top_d)
-                logp.depths.append(depth)
+            self._add(logp, offset, self.tokenizer.token_text(token), lp, top, depth)
             offset += len(self.tokenizer.decode([token]))  # special tokens add no text
 
     @staticmethod
-    def _add(logp: Logprobs, choice: Choice, text: str, lp, top, depth) -> None:
-        logp.text_offset.append(choice.offset)
+    def _add(logp: Logprobs, offset: int, text: str, lp, top, depth) -> None:
+        logp.text_offset.append(offset)
         logp.tokens.append(text)
         logp.token_logprobs.append(lp)
         logp.top_logprobs.append(top)
