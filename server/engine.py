@@ -234,7 +234,6 @@ class Engine:
                 continue
             p = seq.request.sampling
             seq.tokens.append(s.token)
-            seq.depths.append(depth)
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.metrics.ttft.observe(now - seq.arrival)

@@ -81,14 +81,13 @@ class ModelRunner:
 
     def _initial_state(self, g: InFlight, like: Tensor) -> Tensor:
         seq = g.seq
-        if g.seq.request.loops.warm_start and seq.last_h is not None and len(g.positions) == 1:
+        if seq.request.loops.warm_start and seq.last_h is not None and len(g.positions) == 1:
             return seq.last_h.clone()
         if self.model.cfg.state_init == "zero":
             return like.new_zeros(len(g.positions), self.model.cfg.d_rec)
         rows = []
-        for (
-            p
-        ) in g.positions.tolist():  # per-position streams: chunking and prefix hits don't matter
+        # per-position noise streams: chunking, preemption and prefix hits draw the same h_0
+        for p in g.positions.tolist():
             seq.state_gen.manual_seed((seq.noise_seed * NOISE_STRIDE + p) % 2**64)
             rows.append(self.model.initial_state(1, 1, [seq.state_gen], like)[0, 0])
         return torch.stack(rows)

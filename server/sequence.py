@@ -70,9 +70,7 @@ class Sequence:
         self.computed = 0  # positions whose K/V are final in the cache
         self.table: BlockTable | None = None
         self.in_flight = False
-        self.aborted = False
         self.finished = False
-        self.depths: list[int] = []  # loops used by each generated token
         self.prompt_depths: list[int] = []
         self.total_loops = 0
         self.positions_run = 0
@@ -88,6 +86,3 @@ class Sequence:
     def output(self) -> list[int]:
         return self.tokens[self.num_prompt :]
 
-    @property
-    def prefilling(self) -> bool:
-        return self.computed < len(self.tokens) - 1 or not self.tokens[self.num_prompt :]
