@@ -85,4 +85,3 @@ class Sequence:
     @property
     def output(self) -> list[int]:
         return self.tokens[self.num_prompt :]
-
