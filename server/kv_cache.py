@@ -175,18 +175,20 @@ class KVCache:
         slots = (policy or self.policy).num_slots(depth)
         return self.outer_token_bytes + slots * self.rec_token_bytes
 
+    def _free_blocks(self) -> tuple[int, int]:
+        """(outer, recurrent) blocks that can be handed out; evictable prefix blocks count."""
+        return len(self.free_outer) + len(self.evictable), len(self.free_rec) + self.evictable_rec
+
     @property
     def used_bytes(self) -> int:
-        """Bytes held by live sequences (evictable prefix blocks count as free)."""
-        free_o = len(self.free_outer) + len(self.evictable)
-        free_r = len(self.free_rec) + self.evictable_rec
+        """Bytes held by live sequences."""
+        free_o, free_r = self._free_blocks()
         return self.capacity_bytes - self.block_size * (
             free_o * self.outer_token_bytes + free_r * self.rec_token_bytes
         )
 
     def can_allocate(self, bundles: int, num_slots: int) -> bool:
-        outer = len(self.free_outer) + len(self.evictable)
-        rec = len(self.free_rec) + self.evictable_rec
+        outer, rec = self._free_blocks()
         return outer >= bundles and rec >= bundles * num_slots
 
     def blocks_for(self, tokens: int) -> int:
