@@ -228,6 +228,8 @@ class CompletionService:
     def _submit(self, choices: list[Choice]) -> None:
         """Put every choice into the engine before any response starts: a full queue is a 429
         for the whole request, never a half-answered one."""
+        if not self.engine.has_room(len(choices)):
+            raise QueueFull
         try:
             for choice in choices:
                 choice.seq, choice.outputs = self.engine.open(choice.request)

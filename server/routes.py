@@ -89,9 +89,7 @@ def queue_full() -> APIError:
 @router.post("/v1/completions", dependencies=[Depends(authorised)])
 async def completions(body: CompletionRequest, request: Request):
     state = serving(request)
-    engine, service = state.engine, state.service
-    if not engine.has_room(body.n * _prompt_count(body.prompt)):
-        raise queue_full()
+    service = state.service
     try:
         if body.stream:
             events = await service.stream(body)
@@ -99,12 +97,6 @@ async def completions(body: CompletionRequest, request: Request):
         return await _until_disconnect(request, service.complete(body))
     except QueueFull:
         raise queue_full() from None
-
-
-def _prompt_count(prompt) -> int:
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        return 1
-    return max(1, len(prompt))
 
 
 async def _until_disconnect(request: Request, work):
