@@ -18,6 +18,15 @@ SUPPORTED = {
 IGNORED_KEYS = {"_class_name", "init", "hf_config", "name"}
 
 
+def layer_location(j: int, n_prelude: int, n_recurrent: int) -> tuple[str, int]:
+    """Effective layer index j -> (part, index in part): prelude, then core_block, then coda."""
+    if j < n_prelude:
+        return "prelude", j
+    if j < n_prelude + n_recurrent:
+        return "core_block", j - n_prelude
+    return "coda", j - n_prelude - n_recurrent
+
+
 class ConfigError(ValueError):
     """A config the server cannot serve; the message names the key and value."""
 

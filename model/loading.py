@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import ConfigError, ParcaeConfig
+from model.config import ConfigError, ParcaeConfig, layer_location
 from model.parcae import Parcae
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
@@ -97,11 +97,10 @@ def load_checkpoint(
 
 
 def _has_gate(state: dict, raw_config: dict, j: int) -> bool:
-    P = raw_config.get("n_layers_in_prelude", 1)
-    R = raw_config.get("n_layers_in_recurrent_block", 2)
-    part, i = (
-        ("prelude", j) if j < P else ("core_block", j - P) if j < P + R else ("coda", j - P - R)
-    )
+    defaults = ParcaeConfig()
+    P = raw_config.get("n_layers_in_prelude", defaults.n_layers_in_prelude)
+    R = raw_config.get("n_layers_in_recurrent_block", defaults.n_layers_in_recurrent_block)
+    part, i = layer_location(j, P, R)
     return f"transformer.{part}.{i}.attn.ve_gate.weight" in state
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ParcaeConfig
+from model.config import ParcaeConfig, layer_location
 
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the normed input
 
@@ -266,12 +266,10 @@ class Parcae(nn.Module):
 
     # Layer bookkeeping ------------------------------------------------------------------------
     def _block(self, j: int) -> Block:
-        P, R = self.cfg.n_layers_in_prelude, self.cfg.n_layers_in_recurrent_block
-        if j < P:
-            return self.transformer["prelude"][j]
-        if j < P + R:
-            return self.transformer["core_block"][j - P]
-        return self.transformer["coda"][j - P - R]
+        part, i = layer_location(
+            j, self.cfg.n_layers_in_prelude, self.cfg.n_layers_in_recurrent_block
+        )
+        return self.transformer[part][i]
 
     def rotations(self, positions: Tensor) -> dict[int, Tensor]:
         """Per head_dim, rotations (B, 1, L, hd/2) for positions (B, L); reused every loop."""
