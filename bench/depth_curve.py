@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.loading import builtin_checkpoint  # noqa: E402
+from parcae_serve.model.loading import builtin_checkpoint  # noqa: E402
 
 
 def main() -> None:

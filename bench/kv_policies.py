@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.loading import builtin_checkpoint, load_checkpoint  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from server.calibrate import heldout_sequences  # noqa: E402
-from server.evaluation import teacher_forced_nll  # noqa: E402
-from server.kv_cache import KVCache, LoopSlotPolicy  # noqa: E402
+from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint  # noqa: E402
+from parcae_serve.model.tokenizer import Tokenizer  # noqa: E402
+from parcae_serve.server.calibration.calibrate import heldout_sequences  # noqa: E402
+from parcae_serve.server.calibration.evaluation import teacher_forced_nll  # noqa: E402
+from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy  # noqa: E402
 from tests.conftest import running_server  # noqa: E402
 
 POLICIES = ["per-loop", "shared:1", "shared:2", "first:2", "last:2"]

@@ -2,7 +2,7 @@
 
     python bench/model_card.py [--model DIR]
 
-Reads DIR/training.json (written by `python -m model.train`) and DIR/calibration.json (written by
+Reads DIR/training.json (written by `python -m parcae_serve.model.train`) and DIR/calibration.json (written by
 `parcae calibrate`), and links DIR/depth_curve.png (written by bench/depth_curve.py).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.loading import builtin_checkpoint  # noqa: E402
+from parcae_serve.model.loading import builtin_checkpoint  # noqa: E402
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -46,7 +46,7 @@ def card(directory: Path) -> str:
         "serves out of the box and so the depth knob can be measured, not to be useful.",
         "",
         "## Training",
-        f"- `python -m model.train --minutes {s['minutes']}` on 2 CPU cores: {train['steps']} steps, "
+        f"- `python -m parcae_serve.model.train --minutes {s['minutes']}` on 2 CPU cores: {train['steps']} steps, "
         f"{train['train_tokens']:,} tokens, {train['minutes']} minutes.",
         f"- Corpus: the `.py` files of the running interpreter's standard library, split by file: "
         f"{train['train_files']} train files, {train['heldout_files']} held-out files.",

@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.config import ParcaeConfig  # noqa: E402
-from model.loading import load_checkpoint  # noqa: E402
+from parcae_serve.model.config import ParcaeConfig  # noqa: E402
+from parcae_serve.model.loading import load_checkpoint  # noqa: E402
 from tests.conftest import running_server  # noqa: E402
 from tests.helpers import random_model  # noqa: E402
 
@@ -35,8 +35,8 @@ PROMPT = list(range(3, 19))  # 16 token ids
 
 
 def reference_checkpoint(directory: Path) -> Path:
-    from model.loading import save_checkpoint
-    from model.train import read_texts, stdlib_files, train_tokenizer
+    from parcae_serve.model.loading import save_checkpoint
+    from parcae_serve.model.train import read_texts, stdlib_files, train_tokenizer
 
     tok = train_tokenizer(read_texts(stdlib_files()[:30]), 512)
     tok.save(str(directory / "tokenizer.json"))

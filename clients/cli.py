@@ -2,6 +2,7 @@
 
     parcae complete "def fib(n):" --depth 8 --exit kl:0.001 --stream
     parcae models | parcae health
+    parcae models --path                (the built-in checkpoint's directory)
     parcae bench --requests 64 --concurrency 16 --depths 1,4,8,16
     parcae calibrate --model DIR [--out FILE]
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from clients.client import (
+from parcae_serve.clients.client import (
     DEFAULT_URL,
     AsyncParcaeClient,
     ParcaeAPIError,
@@ -92,6 +93,12 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.path:
+        # Imported here: the model package needs torch, which the client commands do not.
+        from parcae_serve.model import builtin_checkpoint
+
+        print(builtin_checkpoint())
+        return 0
     with ParcaeClient(args.url, **client_options(args)) as client:
         print(json.dumps([asdict(m) for m in client.models()], indent=2))
     return 0
@@ -207,10 +214,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     # Imported here: it needs torch and the model code, which the other commands do not.
     try:
-        from server.calibrate import calibrate
+        from parcae_serve.server.calibration.calibrate import calibrate
     except ImportError as err:
         print(
-            f"error: calibrate needs server.calibrate from a full parcae-serve install "
+            f"error: calibrate needs parcae_serve.server.calibration.calibrate from a full parcae-serve install "
             f"(with torch), which failed to import: {err}",
             file=sys.stderr,
         )
@@ -255,9 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--seed", type=int)
     complete.set_defaults(run=cmd_complete)
 
-    commands.add_parser("models", parents=[server], help="list served models").set_defaults(
-        run=cmd_models
+    models = commands.add_parser("models", parents=[server], help="list served models")
+    models.add_argument(
+        "--path", action="store_true", help="print the built-in model's directory and exit"
     )
+    models.set_defaults(run=cmd_models)
     commands.add_parser("health", parents=[server], help="print readiness").set_defaults(
         run=cmd_health
     )

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import ConfigError, ParcaeConfig, layer_location
-from model.parcae import Parcae
+from parcae_serve.model.config import ConfigError, ParcaeConfig, layer_location
+from parcae_serve.model.parcae import Parcae
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -27,7 +27,9 @@ def builtin_checkpoint() -> Path:
     """The model shipped inside the package (the only sub-directory of model/builtin/)."""
     dirs = sorted(p for p in BUILTIN_DIR.iterdir() if (p / "config.json").exists())
     if not dirs:
-        raise CheckpointError(f"no built-in model under {BUILTIN_DIR}; run `python -m model.train`")
+        raise CheckpointError(
+            f"no built-in model under {BUILTIN_DIR}; run `python -m parcae_serve.model.train`"
+        )
     return dirs[0]
 
 

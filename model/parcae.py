@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ParcaeConfig, layer_location
+from parcae_serve.model.config import ParcaeConfig, layer_location
 
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the normed input
 

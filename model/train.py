@@ -1,6 +1,6 @@
 """Train the built-in Parcae on the running interpreter's own standard library, on the CPU.
 
-    python -m model.train --minutes 60 --out model/builtin/parcae-stdlib
+    python -m parcae_serve.model.train --minutes 60 --out model/builtin/parcae-stdlib
 
 Corpus: every `.py` file of the stdlib (no site-packages), split by file into train / held-out.
 Tokenizer: byte-level BPE trained on the train split. Depth sampling as in the paper: each step
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from model.config import ParcaeConfig
-from model.depth_curve import fit_saturating_law
-from model.loading import save_checkpoint
-from model.parcae import Parcae
-from model.tokenizer import Tokenizer
+from parcae_serve.model.config import ParcaeConfig
+from parcae_serve.model.depth_curve import fit_saturating_law
+from parcae_serve.model.loading import save_checkpoint
+from parcae_serve.model.parcae import Parcae
+from parcae_serve.model.tokenizer import Tokenizer
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>"]  # ids 0 / 1 / 2, as the released tokenizer reports
 

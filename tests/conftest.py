@@ -37,7 +37,7 @@ class ServerProcess:
 def running_server(model_dir: Path, *flags: str, timeout: float = 60) -> Iterator[ServerProcess]:
     """`parcae-serve` in a subprocess on 127.0.0.1, yielded once /health is 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "--model", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "parcae_serve.server.api.cli", "--model", str(model_dir), "--port", str(port),
            "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20), *flags]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)

@@ -1,7 +1,7 @@
 import torch
 
-from model.config import ParcaeConfig
-from model.parcae import Parcae
+from parcae_serve.model.config import ParcaeConfig
+from parcae_serve.model.parcae import Parcae
 
 
 def random_model(cfg: ParcaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Parcae:
@@ -81,8 +81,8 @@ def tiny_checkpoint(directory, cfg: ParcaeConfig | None = None, seed: int = 0):
     """A released-layout directory: random tiny model + a BPE trained on a few stdlib files."""
     from pathlib import Path
 
-    from model.loading import save_checkpoint
-    from model.train import read_texts, stdlib_files, train_tokenizer
+    from parcae_serve.model.loading import save_checkpoint
+    from parcae_serve.model.train import read_texts, stdlib_files, train_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

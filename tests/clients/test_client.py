@@ -8,12 +8,13 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from clients import cli
-from clients.client import (
+from parcae_serve.clients import cli
+from parcae_serve.clients.client import (
     AsyncParcaeClient,
     Completion,
     ParcaeAPIError,
@@ -124,6 +125,12 @@ def test_cli_reports_server_errors(live_server: str, capsys: pytest.CaptureFixtu
     assert "recurrence_depth" in capsys.readouterr().err
 
 
+def test_cli_prints_the_builtin_model_directory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "--path"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+
+
 def test_cli_takes_the_url_from_the_environment(
     live_server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -187,8 +194,8 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     async def async_sleep(seconds: float) -> None:
         recorded.append(seconds)
 
-    monkeypatch.setattr("clients.client.time.sleep", recorded.append)
-    monkeypatch.setattr("clients.client.asyncio.sleep", async_sleep)
+    monkeypatch.setattr("parcae_serve.clients.client.time.sleep", recorded.append)
+    monkeypatch.setattr("parcae_serve.clients.client.asyncio.sleep", async_sleep)
     return recorded
 
 

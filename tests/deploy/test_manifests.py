@@ -194,7 +194,7 @@ def server_flags_used() -> set[str]:
 def test_every_flag_used_is_one_the_server_has() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     help_text = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--help"],
+        [sys.executable, "-m", "parcae_serve.server.api.cli", "--help"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from model.depth_curve import fit_saturating_law, predict
+from parcae_serve.model.depth_curve import fit_saturating_law, predict
 
 
 @pytest.mark.parametrize(("L_inf", "Z", "z"), [(3.1, 0.9, 0.7), (4.0, 0.2, 0.15), (2.5, 2.0, 1.5)])

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model.config import ParcaeConfig
-from model.parcae import Parcae
+from parcae_serve.model.config import ParcaeConfig
+from parcae_serve.model.parcae import Parcae
 from tests.helpers import CONFIGS, random_model, reference_cfg
 from tests.model.reference import reference_forward
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import ParcaeConfig
-from model.loading import CheckpointError, load_checkpoint, save_checkpoint
-from model.parcae import Parcae
+from parcae_serve.model.config import ParcaeConfig
+from parcae_serve.model.loading import CheckpointError, load_checkpoint, save_checkpoint
+from parcae_serve.model.parcae import Parcae
 from tests.helpers import CONFIGS, random_model
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from server.settings import parse_args
+from parcae_serve.server.api.settings import parse_args
 
 CONTRACT_FLAGS = ["--host", "--port", "--model", "--tokenizer", "--device", "--dtype",
                   "--max-batch", "--max-context", "--max-depth", "--kv-policy",
@@ -13,7 +13,7 @@ CONTRACT_FLAGS = ["--host", "--port", "--model", "--tokenizer", "--device", "--d
 
 
 def test_help_documents_every_contract_flag() -> None:
-    out = subprocess.run([sys.executable, "-m", "server.cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "parcae_serve.server.api.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     for flag in CONTRACT_FLAGS:
         assert flag in out

@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from model.config import ParcaeConfig
-from server.engine import Engine, EngineConfig
-from server.kv_cache import KVCache, LoopSlotPolicy
-from server.sampling import SamplingParams
-from server.scheduler import SchedulerConfig
-from server.sequence import EngineRequest, LoopParams, RecurrenceExit
+from parcae_serve.model.config import ParcaeConfig
+from parcae_serve.server.engine.engine import Engine, EngineConfig
+from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
+from parcae_serve.server.engine.sampling import SamplingParams
+from parcae_serve.server.engine.scheduler import SchedulerConfig
+from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit
 from tests.helpers import random_model
 
 ZERO_INIT = ParcaeConfig(

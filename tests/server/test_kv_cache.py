@@ -1,7 +1,7 @@
 """Block pool accounting, prefix reuse and LRU eviction, without a model."""
 
-from model.config import ParcaeConfig
-from server.kv_cache import KVCache, LoopSlotPolicy
+from parcae_serve.model.config import ParcaeConfig
+from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
 
 CFG = ParcaeConfig(n_embd=32, num_attention_heads=2, vocab_size=64)
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from model.tokenizer import IncrementalDecoder, Tokenizer
-from server.text import ChoiceText
+from parcae_serve.model.tokenizer import IncrementalDecoder, Tokenizer
+from parcae_serve.server.api.text import ChoiceText
 
 TEXT = "héllo wörld — 你好 def f(x):\n    return x ** 2  # 🎉 done\nprint(f(3))"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.tokenizer import Tokenizer
-from server.completions import CompletionService
-from server.engine import Engine
-from server.metrics import Metrics
-from server.settings import ServerSettings
+from parcae_serve.model.tokenizer import Tokenizer
+from parcae_serve.server.api.completions import CompletionService
+from parcae_serve.server.api.settings import ServerSettings
+from parcae_serve.server.engine.engine import Engine
+from parcae_serve.server.engine.metrics import Metrics
 
 
 @dataclass

@@ -9,8 +9,8 @@ import time
 
 import uvicorn
 
-from server.app import create_app
-from server.settings import ServerSettings, parse_args
+from parcae_serve.server.api.app import create_app
+from parcae_serve.server.api.settings import ServerSettings, parse_args
 
 
 class DrainingServer(uvicorn.Server):

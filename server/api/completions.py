@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from model.tokenizer import Tokenizer
-from server.engine import Engine, QueueFull
-from server.kv_cache import LoopSlotPolicy
-from server.protocol import (
+from parcae_serve.model.tokenizer import Tokenizer
+from parcae_serve.server.api.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -21,9 +19,17 @@ from server.protocol import (
     Usage,
     completion_id,
 )
-from server.sampling import SamplingParams
-from server.sequence import EngineRequest, LoopParams, RecurrenceExit, Sequence, StepOutput
-from server.text import ChoiceText
+from parcae_serve.server.api.text import ChoiceText
+from parcae_serve.server.engine.engine import Engine, QueueFull
+from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
+from parcae_serve.server.engine.sampling import SamplingParams
+from parcae_serve.server.engine.sequence import (
+    EngineRequest,
+    LoopParams,
+    RecurrenceExit,
+    Sequence,
+    StepOutput,
+)
 
 
 class APIError(Exception):

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.kv_cache import LoopSlotPolicy
+from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
 
 
 class ServerSettings(BaseSettings):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.parcae import sdpa
-from server.kv_cache import BlockTable, KVCache
+from parcae_serve.model.parcae import sdpa
+from parcae_serve.server.engine.kv_cache import BlockTable, KVCache
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Compute-quality curve of a checkpoint: held-out NLL and speed for fixed depths and exit rules.
 
-    parcae calibrate --model DIR        (or: python -m server.calibrate --model DIR)
+    parcae calibrate --model DIR        (or: python -m parcae_serve.server.calibration.calibrate --model DIR)
 
 Fixed T = 1 ... 4*mu_rec and a sweep of `kl` / `residual` exit thresholds, each measured by
-teacher-forced decode through the serving path (`server.evaluation`). Fits the paper's
+teacher-forced decode through the serving path (`parcae_serve.server.calibration.evaluation`). Fits the paper's
 L(T) = L_inf + Z exp(-z T) and writes `calibration.json` next to the checkpoint, which the
 server publishes in /v1/models.
 """
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from model.depth_curve import fit_saturating_law
-from model.loading import builtin_checkpoint, load_checkpoint
-from model.tokenizer import Tokenizer
-from model.train import is_heldout, read_texts, stdlib_files
-from server.evaluation import teacher_forced_nll
-from server.sequence import RecurrenceExit
+from parcae_serve.model.depth_curve import fit_saturating_law
+from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
+from parcae_serve.model.tokenizer import Tokenizer
+from parcae_serve.model.train import is_heldout, read_texts, stdlib_files
+from parcae_serve.server.calibration.evaluation import teacher_forced_nll
+from parcae_serve.server.engine.sequence import RecurrenceExit
 
 THRESHOLDS = {
     "kl": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1],

@@ -12,18 +12,18 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 
-from model.loading import builtin_checkpoint, load_checkpoint
-from model.parcae import Parcae
-from model.tokenizer import Tokenizer
-from server.completions import CompletionService, ServingLimits
-from server.engine import Engine, EngineConfig
-from server.metrics import Metrics
-from server.routes import install_error_handlers, router
-from server.sampling import SamplingParams
-from server.scheduler import SchedulerConfig
-from server.sequence import EngineRequest, LoopParams
-from server.settings import ServerSettings, default_kv_bytes
-from server.state import ServerState
+from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
+from parcae_serve.model.parcae import Parcae
+from parcae_serve.model.tokenizer import Tokenizer
+from parcae_serve.server.api.completions import CompletionService, ServingLimits
+from parcae_serve.server.api.routes import install_error_handlers, router
+from parcae_serve.server.api.settings import ServerSettings, default_kv_bytes
+from parcae_serve.server.api.state import ServerState
+from parcae_serve.server.engine.engine import Engine, EngineConfig
+from parcae_serve.server.engine.metrics import Metrics
+from parcae_serve.server.engine.sampling import SamplingParams
+from parcae_serve.server.engine.scheduler import SchedulerConfig
+from parcae_serve.server.engine.sequence import EngineRequest, LoopParams
 
 log = logging.getLogger("parcae.serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from model.parcae import Parcae
-from server.kv_cache import KVCache
-from server.paged_attention import AttentionGroup, PagedAttention
-from server.sequence import Sequence
+from parcae_serve.model.parcae import Parcae
+from parcae_serve.server.engine.kv_cache import KVCache
+from parcae_serve.server.engine.paged_attention import AttentionGroup, PagedAttention
+from parcae_serve.server.engine.sequence import Sequence
 
 NOISE_STRIDE = 1_000_003  # seed * stride + position: per-position h_0 noise streams
 _uids = itertools.count()

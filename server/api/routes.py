@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.completions import APIError
-from server.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.scheduler import QueueFull
-from server.state import ServerState
+from parcae_serve.server.api.completions import APIError
+from parcae_serve.server.api.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
+from parcae_serve.server.api.state import ServerState
+from parcae_serve.server.engine.scheduler import QueueFull
 
 router = APIRouter()
 DISCONNECT_POLL_S = 0.2

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from model.parcae import Parcae
-from server.kv_cache import KVCache, LoopSlotPolicy
-from server.metrics import Metrics
-from server.runner import InFlight, ModelRunner
-from server.sampling import Sampled, SampleRow, prompt_scores, sample
-from server.scheduler import QueueFull, Scheduler, SchedulerConfig, Work
-from server.sequence import EngineRequest, Sequence, StepOutput
+from parcae_serve.model.parcae import Parcae
+from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
+from parcae_serve.server.engine.metrics import Metrics
+from parcae_serve.server.engine.runner import InFlight, ModelRunner
+from parcae_serve.server.engine.sampling import Sampled, SampleRow, prompt_scores, sample
+from parcae_serve.server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, Work
+from parcae_serve.server.engine.sequence import EngineRequest, Sequence, StepOutput
 
 __all__ = ["Engine", "EngineConfig", "QueueFull"]
 

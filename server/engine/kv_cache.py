@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from model.config import ParcaeConfig
+from parcae_serve.model.config import ParcaeConfig
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model.tokenizer import IncrementalDecoder, Tokenizer
+from parcae_serve.model.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class ChoiceText:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from model.parcae import Parcae
-from server.kv_cache import KVCache, LoopSlotPolicy, token_bytes
-from server.runner import InFlight, ModelRunner
-from server.sampling import SamplingParams
-from server.sequence import EngineRequest, LoopParams, RecurrenceExit, Sequence
+from parcae_serve.model.parcae import Parcae
+from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy, token_bytes
+from parcae_serve.server.engine.runner import InFlight, ModelRunner
+from parcae_serve.server.engine.sampling import SamplingParams
+from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit, Sequence
 
 
 @dataclass

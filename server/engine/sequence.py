@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from server.kv_cache import BlockTable, LoopSlotPolicy
-from server.sampling import SamplingParams
+from parcae_serve.server.engine.kv_cache import BlockTable, LoopSlotPolicy
+from parcae_serve.server.engine.sampling import SamplingParams
 
 _ids = itertools.count()
 

@@ -6,8 +6,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from server.kv_cache import KVCache
-from server.sequence import Sequence
+from parcae_serve.server.engine.kv_cache import KVCache
+from parcae_serve.server.engine.sequence import Sequence
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Offline tools: teacher-forced evaluation through the serving path and `parcae calibrate`."""
