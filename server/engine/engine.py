@@ -317,10 +317,10 @@ class Engine:
     def _namespace(self, seq: Sequence) -> bytes:
         """Prefix blocks are shared only between requests whose K/V would be identical."""
         loops = seq.request.loops
-        seeded = self.model.cfg.state_init != "zero" and seq.request.sampling.seed is not None
+        noisy = self.model.cfg.state_init != "zero"
         policy = loops.kv_policy or self.cache.policy
         key = f"{loops.depth}|{policy}|{loops.exit}|{loops.warm_start}|"
-        key += f"{seq.noise_seed}" if seeded else "-"
+        key += f"{seq.noise_seed}" if noisy else "-"
         return hashlib.sha256(key.encode()).digest()
 
     def _observe_gauges(self) -> None:

@@ -14,6 +14,7 @@ from parcae_serve.server.engine.kv_cache import BlockTable, LoopSlotPolicy
 from parcae_serve.server.engine.sampling import SamplingParams
 
 _ids = itertools.count()
+DEFAULT_NOISE_SEED = 0  # the noise stream of requests without a seed
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,16 @@ class Sequence:
         self.tokens = list(request.prompt)
         self.num_prompt = len(request.prompt)
         seed = request.sampling.seed
-        seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
-        self.noise_seed = seed
+        # h_0 noise is deterministic by default (one fixed stream per position), so greedy
+        # decoding and prompt scoring repeat without a seed; a seed changes it. Sampling stays
+        # random without a seed, as in OpenAI's API.
+        self.noise_seed = DEFAULT_NOISE_SEED if seed is None else seed
         self.state_gen = torch.Generator()  # h_0 noise, re-seeded per position (see runner)
-        self.sample_gen = torch.Generator().manual_seed(seed + 1)
+        self.sample_gen = torch.Generator()
+        if seed is None:
+            self.sample_gen.seed()
+        else:
+            self.sample_gen.manual_seed(seed + 1)
         self.computed = 0  # positions whose K/V are final in the cache
         self.table: BlockTable | None = None
         self.in_flight = False

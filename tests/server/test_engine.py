@@ -359,3 +359,20 @@ def test_kl_exit_compares_successive_loops_not_a_loop_with_itself() -> None:
         assert [o.depth for o in out] == [6] * 5
     finally:
         eng.stop()
+
+
+def test_unseeded_greedy_decoding_and_scores_repeat_and_a_seed_changes_the_noise() -> None:
+    eng = make_engine(NOISY)
+
+    def run(seed: int | None) -> tuple[list[int], list[float]]:
+        params = SamplingParams(max_tokens=6, temperature=0, seed=seed, prompt_logprobs=0)
+        out = eng.generate_sync(EngineRequest(PROMPT, params, LoopParams(3)))
+        scores = next(o.prompt_scores for o in out if o.prompt_scores is not None)
+        return tokens(out), [s for s, _ in scores]
+
+    try:
+        first, again = run(None), run(None)
+        assert first == again  # same tokens, bit-identical prompt scores
+        assert run(12345)[1] != first[1]  # another noise stream scores differently
+    finally:
+        eng.stop()
