@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from parcae_serve.model.loading import builtin_checkpoint
 from tests.helpers import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,13 +35,17 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, *flags: str, timeout: float = 60) -> Iterator[ServerProcess]:
-    """`parcae-serve` in a subprocess on 127.0.0.1, yielded once /health is 200."""
+def running_server(
+    model_dir: Path, *flags: str, timeout: float = 60, log: Path | None = None
+) -> Iterator[ServerProcess]:
+    """`parcae-serve` in a subprocess on 127.0.0.1, yielded once /health is 200 (its stderr goes
+    to `log` if given)."""
     port = free_port()
     cmd = [sys.executable, "-m", "parcae_serve.server.api.cli", "--model", str(model_dir), "--port", str(port),
            "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20), *flags]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    stderr = open(log, "w") if log else None  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -60,6 +65,8 @@ def running_server(model_dir: Path, *flags: str, timeout: float = 60) -> Iterato
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if stderr:
+            stderr.close()
 
 
 @pytest.fixture(scope="session")
@@ -71,4 +78,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def live_server(tiny_model_dir: Path) -> Iterator[str]:
     """A server on the tiny random model with the exact per-loop cache policy."""
     with running_server(tiny_model_dir, "--kv-policy", "per-loop", "--max-depth", "32") as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def builtin_server() -> Iterator[str]:
+    """A server on the built-in trained model: realistic text (code, newlines, repeats)."""
+    with running_server(builtin_checkpoint()) as server:
         yield server.url

@@ -16,9 +16,11 @@ from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.model.tokenizer import Tokenizer
 from parcae_serve.server.api.completions import CompletionService, ServingLimits
+from parcae_serve.server.api.gate import RequestGate
 from parcae_serve.server.api.routes import install_error_handlers, router
 from parcae_serve.server.api.settings import ServerSettings, default_kv_bytes
 from parcae_serve.server.api.state import ServerState
+from parcae_serve.server.api.text import longest_token_chars
 from parcae_serve.server.engine.engine import Engine, EngineConfig
 from parcae_serve.server.engine.metrics import Metrics
 from parcae_serve.server.engine.sampling import SamplingParams
@@ -86,6 +88,8 @@ def build(state: ServerState) -> None:
         max_context=max_context,
         default_depth=min(cfg.mean_recurrence, s.max_depth),
         vocab_size=cfg.vocab_size,
+        max_sequences=s.max_batch + s.max_queue,
+        max_prompt_chars=max_context * longest_token_chars(tokenizer),
     )
     state.model_card = {"dir": str(model_dir), "depth_table": depth_table(model_dir)}
     state.engine, state.tokenizer = engine, tokenizer
@@ -116,4 +120,5 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.parcae = state
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(RequestGate, api_key=settings.api_key, max_body=settings.max_request_bytes)
     return app

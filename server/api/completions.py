@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from parcae_serve.model.tokenizer import Tokenizer
 from parcae_serve.server.api.protocol import (
+    REFUSED_FIELDS,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -19,7 +23,7 @@ from parcae_serve.server.api.protocol import (
     Usage,
     completion_id,
 )
-from parcae_serve.server.api.text import ChoiceText
+from parcae_serve.server.api.text import ChoiceText, encode_texts, token_names, token_offsets
 from parcae_serve.server.engine.engine import Engine, QueueFull
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
 from parcae_serve.server.engine.sampling import SamplingParams
@@ -49,6 +53,12 @@ class APIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
 
+log = logging.getLogger("parcae.serve")
+MAX_STOPS = 64  # stop strings per request (OpenAI allows 4; each costs work on every token)
+MIN_LOGPROB = -9999.0  # what JSON can carry for -inf, as vLLM reports it
+LOGPROB_FIELDS = ("text_offset", "token_logprobs", "tokens", "top_logprobs", "depths")
+
+
 @dataclass
 class ServingLimits:
     model_name: str
@@ -56,6 +66,18 @@ class ServingLimits:
     max_context: int
     default_depth: int
     vocab_size: int
+    max_sequences: int  # --max-batch + --max-queue: the most sequences the server ever holds
+    max_prompt_chars: int  # a longer text prompt cannot fit the context (see longest_token_chars)
+
+
+@dataclass
+class Piece:
+    """What one engine output adds to a choice; a response is the concatenation of its pieces,
+    whether they are sent one by one (SSE) or all at once."""
+
+    text: str
+    logprobs: Logprobs | None
+    finish_reason: str | None
 
 
 @dataclass
@@ -69,24 +91,34 @@ class Choice:
     echo: bool
     stops: list[str]
     logprobs: int | None
+    as_ids: bool  # logprob tokens named `token_id:<id>`
     text: ChoiceText | None = None
-    logp: Logprobs | None = None
+    started: bool = False
+    held: list[tuple] = field(default_factory=list)  # logprob entries waiting for their text
     finish_reason: str | None = None
     completion_tokens: int = 0
     loops: int = 0
     positions: int = 0
     error: str | None = None
-    offset: int = 0  # length of text so far (for logprobs.text_offset)
     seq: Sequence | None = None
     outputs: AsyncIterator[StepOutput] | None = None
+
+    @property
+    def text_start(self) -> int:
+        """Where the generated text starts in the returned text."""
+        return len(self.prompt_text) if self.echo else 0
 
 
 class CompletionService:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServingLimits) -> None:
         self.engine, self.tokenizer, self.limits = engine, tokenizer, limits
+        self.live: set[Sequence] = set()  # submitted and not yet finished (the drain ends them)
+        self._ignored_logged: set[str] = set()
 
     # Request -> engine requests ---------------------------------------------------------------
-    def prepare(self, req: CompletionRequest) -> list[Choice]:
+    async def prepare(self, req: CompletionRequest) -> list[Choice]:
+        """Every check that needs no tokens comes first; tokenising runs off the event loop."""
+        self._check_fields(req)
         if req.model is not None and req.model != self.limits.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist.", "NotFoundError",
                            "model", "model_not_found")  # fmt: skip
@@ -103,24 +135,50 @@ class CompletionService:
             rule = RecurrenceExit(spec.criterion, spec.threshold, spec.min_depth)
         loops = LoopParams(depth, rule, req.recurrence_warm_start, self._policy(req, depth))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > MAX_STOPS:
+            raise APIError(400, f"at most {MAX_STOPS} stop strings, got {len(stops)}", param="stop")
         vocab = self.limits.vocab_size
         if any(not 0 <= t < vocab for t in req.stop_token_ids or []):
             raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        prompts = self._prompt_list(req.prompt)
+        if len(prompts) * req.n > self.limits.max_sequences:
+            raise APIError(400, f"this request needs {len(prompts) * req.n} sequences (prompts x "
+                           f"n); the server holds at most {self.limits.max_sequences} at once "
+                           "(--max-batch + --max-queue)",
+                           param="n" if req.n > 1 else "prompt")  # fmt: skip
+        seed = random.randrange(2**62) if req.seed == -1 else req.seed
         choices = []
-        for p_idx, (text, ids) in enumerate(self._prompts(req.prompt)):
+        for p_idx, (text, ids) in enumerate(await self._tokenize(prompts, req.add_special_tokens)):
             capacity = self.engine.capacity_tokens(depth, loops.kv_policy)
             budget = min(self.limits.max_context, capacity) - len(ids)
             if budget < 0 or len(ids) >= self.limits.max_context:
-                raise APIError(400, f"This model's maximum context length is "
-                               f"{self.limits.max_context} tokens; the prompt has {len(ids)}.",
-                               param="prompt", code="context_length_exceeded")  # fmt: skip
+                raise _context_exceeded(
+                    self.limits.max_context, f"the prompt has {len(ids)} tokens"
+                )
             max_tokens = budget if req.max_tokens is None else min(req.max_tokens, budget)
             for i in range(req.n):
-                sampling = self._sampling(req, max_tokens, i)
+                sampling = self._sampling(req, max_tokens, None if seed is None else seed + i)
                 choice = Choice(p_idx * req.n + i, EngineRequest(ids, sampling, loops), text, ids,
-                                req.echo, stops, req.logprobs)  # fmt: skip
+                                req.echo, stops, req.logprobs, req.return_tokens_as_token_ids)  # fmt: skip
                 choices.append(choice)
         return choices
+
+    def _check_fields(self, req: CompletionRequest) -> None:
+        """Refuse what would otherwise be silently ignored or contradictory."""
+        for name, value in (req.model_extra or {}).items():
+            if name in REFUSED_FIELDS:
+                if value not in REFUSED_FIELDS[name]:
+                    raise APIError(400, f"{name} is not supported by this server", param=name,
+                                   code="unsupported_parameter")  # fmt: skip
+            elif name not in self._ignored_logged and len(self._ignored_logged) < 256:
+                self._ignored_logged.add(name)
+                log.warning("ignoring unknown completions field %r (logged once)", name)
+        if req.max_tokens is not None and req.min_tokens > req.max_tokens:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens "
+                           f"({req.max_tokens})", param="min_tokens")  # fmt: skip
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true",
+                           param="stream_options")  # fmt: skip
 
     def _policy(self, req: CompletionRequest, depth: int) -> LoopSlotPolicy | None:
         if req.kv_policy is None:
@@ -135,29 +193,46 @@ class CompletionService:
             raise APIError(400, message, param="kv_policy")
         return policy
 
-    def _prompts(self, prompt) -> list[tuple[str, list[int]]]:
+    def _prompt_list(self, prompt) -> list[str | list[int]]:
+        """The prompts, checked for what is visible without tokenising."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        out = []
         for p in prompt:
             if isinstance(p, str):
-                ids = self.tokenizer.encode(p)
-                if not ids:  # a tokenizer without BOS and an empty string
-                    raise APIError(400, "prompt must not be empty", param="prompt")
-                out.append((p, ids))
+                if len(p) > self.limits.max_prompt_chars:
+                    raise _context_exceeded(self.limits.max_context,
+                                            f"the prompt has {len(p)} characters")  # fmt: skip
                 continue
             if not p:
                 raise APIError(400, "a token prompt must not be empty", param="prompt")
+            if len(p) >= self.limits.max_context:
+                raise _context_exceeded(self.limits.max_context, f"the prompt has {len(p)} tokens")
             if min(p) < 0 or max(p) >= self.limits.vocab_size:
                 raise APIError(400, f"token ids must be in [0, {self.limits.vocab_size})",
                                param="prompt")  # fmt: skip
-            out.append((self.tokenizer.decode(p), list(p)))
+        return prompt
+
+    async def _tokenize(
+        self, prompts: list[str | list[int]], add_bos: bool
+    ) -> list[tuple[str, list[int]]]:
+        """(text, ids) of each prompt, computed in a worker thread: a long prompt must not stall
+        other requests, streams or /health."""
+
+        def work() -> list[tuple[str, list[int]]]:
+            texts = [p for p in prompts if isinstance(p, str)]
+            encoded = iter(encode_texts(self.tokenizer, texts, add_bos) if texts else [])
+            return [(p, next(encoded)) if isinstance(p, str) else
+                    (self.tokenizer.decode(p), list(p)) for p in prompts]  # fmt: skip
+
+        out = await asyncio.to_thread(work)
+        if any(not ids for _, ids in out):  # a tokenizer without BOS and an empty string
+            raise APIError(400, "prompt must not be empty", param="prompt")
         return out
 
     @staticmethod
-    def _sampling(req: CompletionRequest, max_tokens: int, i: int) -> SamplingParams:
+    def _sampling(req: CompletionRequest, max_tokens: int, seed: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -172,64 +247,69 @@ class CompletionService:
             ignore_eos=req.ignore_eos,
             logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
-            seed=None if req.seed is None else req.seed + i,
+            seed=seed,
         )
 
-    # Engine outputs -> choices ------------------------------------------------------------------
-    def _start(self, choice: Choice) -> str:
-        """Initialise the choice; returns its echoed prompt text ('' without echo)."""
-        choice.text = ChoiceText(self.tokenizer, choice.stops)
-        choice.logp = Logprobs() if choice.logprobs is not None else None
-        echo = choice.prompt_text if choice.echo else ""
-        choice.offset = len(echo)
-        return echo
-
-    def _apply(self, choice: Choice, out: StepOutput) -> tuple[str, Logprobs | None]:
-        """Fold one engine output into the choice; returns (new text, new logprob entries)."""
-        delta, logp = "", None
-        if choice.logp is not None:
-            logp = Logprobs()
-            if out.prompt_scores is not None and choice.echo:
-                self._prompt_logprobs(choice, out, logp)
+    # Engine outputs -> pieces -------------------------------------------------------------------
+    def _apply(self, choice: Choice, out: StepOutput) -> Piece:
+        """Fold one engine output into the choice. Logprob entries travel with their text: an
+        entry is released once the text before its token is, so every text_offset points into
+        the text the client ends up with, streamed or not."""
+        logp = Logprobs() if choice.logprobs is not None else None
+        text = ""
+        if not choice.started:
+            choice.started = True
+            choice.text = ChoiceText(self.tokenizer, choice.stops)
+            if choice.echo:
+                text = choice.prompt_text
+                if logp is not None and out.prompt_scores is not None:
+                    self._prompt_logprobs(choice, out, logp)
         if out.token is not None:
             choice.completion_tokens += 1
             stop_ids = choice.request.sampling.stop_token_ids
-            if not (out.finish_reason == "stop" and out.token in stop_ids):  # vLLM drops its text
-                delta = choice.text.push(out.token)
+            if out.finish_reason == "stop" and out.token in stop_ids:  # vLLM drops its text
+                offset = choice.text_start + choice.text.decoded
+            else:
+                text += choice.text.push(out.token)
+                offset = choice.text_start + choice.text.token_start
             if logp is not None:
-                top = {self.tokenizer.token_text(t): lp for t, lp in out.top}
-                text = self.tokenizer.token_text(out.token)
-                self._add(logp, choice.offset, text, out.logprob, top, out.depth)
+                entry = self._entry(choice, out.token, out.logprob, out.top, out.depth)
+                choice.held.append((offset, *entry))
         if out.finish_reason is not None or choice.text.stopped:
-            delta += choice.text.finish()
+            text += choice.text.finish()
             choice.finish_reason = "stop" if choice.text.stopped else out.finish_reason
             if out.error:
                 choice.error = out.error
-        choice.offset += len(delta)
         if logp is not None:
-            for key in ("text_offset", "token_logprobs", "tokens", "top_logprobs", "depths"):
-                getattr(choice.logp, key).extend(getattr(logp, key))
-        return delta, logp
+            end = choice.text_start + len(choice.text.text)
+            while choice.held and (choice.finish_reason or choice.held[0][0] <= end):
+                offset, *entry = choice.held.pop(0)
+                _add(logp, min(offset, end), *entry)
+        return Piece(text, logp, choice.finish_reason)
 
     def _prompt_logprobs(self, choice: Choice, out: StepOutput, logp: Logprobs) -> None:
         scores, depths, ids = out.prompt_scores, out.prompt_depths or [], choice.prompt_ids
-        offset = 0
+        offsets = token_offsets(self.tokenizer, ids)
         for i, token in enumerate(ids):
-            lp, top, depth = None, None, None  # the first token has no prediction
-            if i > 0:
-                lp, alternatives = scores[i - 1] if i - 1 < len(scores) else (None, [])
-                top = {self.tokenizer.token_text(t): v for t, v in alternatives}
-                depth = depths[i - 1] if i - 1 < len(depths) else None
-            self._add(logp, offset, self.tokenizer.token_text(token), lp, top, depth)
-            offset += len(self.tokenizer.decode([token]))  # special tokens add no text
+            offset = min(offsets[i], len(choice.prompt_text))
+            if i == 0:  # the first token has no prediction
+                _add(logp, offset, token_names(self.tokenizer, [token], choice.as_ids)[token],
+                     None, None, None)  # fmt: skip
+                continue
+            lp, alternatives = scores[i - 1] if i - 1 < len(scores) else (None, [])
+            depth = depths[i - 1] if i - 1 < len(depths) else None
+            _add(logp, offset, *self._entry(choice, token, lp, alternatives, depth))
 
-    @staticmethod
-    def _add(logp: Logprobs, offset: int, text: str, lp, top, depth) -> None:
-        logp.text_offset.append(offset)
-        logp.tokens.append(text)
-        logp.token_logprobs.append(lp)
-        logp.top_logprobs.append(top)
-        logp.depths.append(depth)
+    def _entry(
+        self, choice: Choice, token: int, lp: float | None, top: list[tuple[int, float]], depth
+    ) -> tuple:
+        """(name, logprob, top_logprobs, depth) of one position; the token itself is always in
+        its top_logprobs (also for logprobs: 0), under the same unique name."""
+        names = token_names(self.tokenizer, [token, *(t for t, _ in top)], choice.as_ids)
+        alternatives = {names[t]: _finite(v) for t, v in top}
+        if lp is not None:
+            alternatives.setdefault(names[token], _finite(lp))
+        return names[token], None if lp is None else _finite(lp), alternatives, depth
 
     def _submit(self, choices: list[Choice]) -> None:
         """Put every choice into the engine before any response starts: a full queue is a 429
@@ -239,16 +319,26 @@ class CompletionService:
         try:
             for choice in choices:
                 choice.seq, choice.outputs = self.engine.open(choice.request)
+                self.live.add(choice.seq)
         except QueueFull:
             self._abort_unfinished(choices)
             raise
 
+    def abort_all(self, reason: str = "abort") -> int:
+        """End every running request at the next engine step (their responses still end
+        properly, with this finish_reason); returns how many were running."""
+        for seq in list(self.live):
+            self.engine.abort(seq, reason)
+        return len(self.live)
+
     def _abort_unfinished(self, choices: list[Choice]) -> None:
         for choice in choices:
-            if choice.seq is not None and not choice.seq.finished:
-                self.engine.abort(choice.seq)
+            if choice.seq is not None:
+                self.live.discard(choice.seq)
+                if not choice.seq.finished:
+                    self.engine.abort(choice.seq)
 
-    async def _run(self, choice: Choice) -> AsyncIterator[tuple[str, Logprobs | None]]:
+    async def _run(self, choice: Choice) -> AsyncIterator[Piece]:
         """Drive one choice through the engine; ends it early once a stop string is seen."""
         async with aclosing(choice.outputs) as outputs:
             async for out in outputs:
@@ -258,6 +348,7 @@ class CompletionService:
                     if out.finish_reason is None:  # a stop string, seen here at the edge
                         self.engine.abort(choice.seq, "stop")
                     break
+        self.live.discard(choice.seq)
 
     @staticmethod
     def _usage(choices: list[Choice], n: int) -> Usage:
@@ -273,46 +364,40 @@ class CompletionService:
             ),
         )
 
-    # Non-streaming --------------------------------------------------------------------------------
+    # Non-streaming: the concatenation of the pieces ------------------------------------------------
     async def complete(self, req: CompletionRequest) -> CompletionResponse:
-        choices = self.prepare(req)
+        choices = await self.prepare(req)
         self._submit(choices)
+        results: dict[int, CompletionChoice] = {}
 
         async def one(choice: Choice) -> None:
-            self._start(choice)
-            async for _ in self._run(choice):
-                pass
+            text, logp = [], Logprobs() if choice.logprobs is not None else None
+            async for piece in self._run(choice):
+                text.append(piece.text)
+                if logp is not None:
+                    _extend(logp, piece.logprobs)
+            results[choice.index] = CompletionChoice(index=choice.index, text="".join(text),
+                                                     logprobs=logp,
+                                                     finish_reason=choice.finish_reason)  # fmt: skip
 
         try:
             await asyncio.gather(*(one(c) for c in choices))
         finally:
             self._abort_unfinished(choices)  # cancelled (client gone) before reading everything
-        self._raise_engine_error(choices)
-        return CompletionResponse(
-            model=self.limits.model_name,
-            choices=[
-                CompletionChoice(
-                    index=c.index,
-                    text=(c.prompt_text if c.echo else "") + c.text.text,
-                    logprobs=c.logp,
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
-            usage=self._usage(choices, req.n),
-        )
-
-    @staticmethod
-    def _raise_engine_error(choices: list[Choice]) -> None:
         for c in choices:
             if c.error:
                 raise APIError(500, c.error, "internal_error")
+        return CompletionResponse(
+            model=self.limits.model_name,
+            choices=[results[c.index] for c in choices],
+            usage=self._usage(choices, req.n),
+        )
 
-    # Streaming ----------------------------------------------------------------------------------
+    # Streaming: one event per piece -----------------------------------------------------------------
     async def stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         """Server-sent events exactly as OpenAI / vLLM send them. Validation happens before the
         first byte, so errors still get a proper status code."""
-        choices = self.prepare(req)
+        choices = await self.prepare(req)
         self._submit(choices)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return self._events(choices, include_usage, req.n)
@@ -325,23 +410,22 @@ class CompletionService:
 
         async def pump(choice: Choice) -> None:
             try:
-                echo = self._start(choice)
-                if echo and choice.logprobs is None:
-                    await queue.put((choice, echo, None))
-                async for delta, logp in self._run(choice):
-                    if delta or logp is not None or choice.finish_reason:
-                        text = echo + delta if echo else delta
-                        echo = ""
-                        await queue.put((choice, text, logp))
+                async for piece in self._run(choice):
+                    if (
+                        piece.text
+                        or piece.finish_reason
+                        or (piece.logprobs and piece.logprobs.tokens)
+                    ):
+                        await queue.put((choice, piece))
             finally:
-                await queue.put((choice, None, None))
+                await queue.put((choice, None))
 
         tasks = [asyncio.create_task(pump(c)) for c in choices]
         try:
             live = len(choices)
             while live:
-                choice, text, logp = await queue.get()
-                if text is None:
+                choice, piece = await queue.get()
+                if piece is None:
                     live -= 1
                     continue
                 if choice.error:
@@ -356,9 +440,9 @@ class CompletionService:
                     "choices": [
                         {
                             "index": choice.index,
-                            "text": text,
-                            "logprobs": logp.model_dump() if logp is not None else None,
-                            "finish_reason": choice.finish_reason,
+                            "text": piece.text,
+                            "logprobs": piece.logprobs.model_dump() if piece.logprobs else None,
+                            "finish_reason": piece.finish_reason,
                         }
                     ],
                 }
@@ -374,6 +458,28 @@ class CompletionService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._abort_unfinished(choices)
+
+
+def _context_exceeded(max_context: int, what: str) -> APIError:
+    return APIError(400, f"This model's maximum context length is {max_context} tokens; {what}.",
+                    param="prompt", code="context_length_exceeded")  # fmt: skip
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else MIN_LOGPROB
+
+
+def _add(logp: Logprobs, offset: int, text: str, lp, top, depth) -> None:
+    logp.text_offset.append(offset)
+    logp.tokens.append(text)
+    logp.token_logprobs.append(lp)
+    logp.top_logprobs.append(top)
+    logp.depths.append(depth)
+
+
+def _extend(dst: Logprobs, src: Logprobs) -> None:
+    for key in LOGPROB_FIELDS:
+        getattr(dst, key).extend(getattr(src, key))
 
 
 def _sse(body: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,8 +31,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Known OpenAI / vLLM completion fields this server does not implement, with the values that mean
+# "not used": any other value is refused with 400 naming the field, so clients can fall back.
+REFUSED_FIELDS: dict[str, tuple] = {
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "prompt_logprobs": (None,),
+    "logits_processors": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+    "prompt_embeds": (None,),
+    "priority": (None, 0),
+    "return_token_ids": (None, False),
+    "cache_salt": (None,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
+}
+
+
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Fields not declared here are kept in `model_extra`: the service refuses the known ones it
+    does not implement (REFUSED_FIELDS) and logs the others once as ignored."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -45,7 +81,7 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**62)
+    seed: int | None = Field(default=None, ge=-1, le=2**62, description="-1: random")
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     user: str | None = None
@@ -56,6 +92,8 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] | None = None
+    add_special_tokens: bool = True
+    return_tokens_as_token_ids: bool = False
     # looping fields
     recurrence_depth: int | None = Field(default=None, ge=1)
     recurrence_exit: RecurrenceExitSpec | None = None
@@ -101,6 +139,39 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    max_model_len: int
+    recurrence: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "draining", "failed"]
+    detail: str | None = None
+
+
+class Version(BaseModel):
+    version: str
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class TokenizeRequest(BaseModel):

@@ -1,25 +1,74 @@
-"""HTTP only: parse, authorise, call the completion service, render results and errors."""
+"""HTTP only: parse, call the completion service, render results and errors. The API key and the
+body-size cap are checked before any of this (gate.py); the published OpenAPI declares every
+response a route can give."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parcae_serve.server.api.completions import APIError
-from parcae_serve.server.api.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
+from parcae_serve.server.api.protocol import (
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    Health,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    Version,
+)
 from parcae_serve.server.api.state import ServerState
+from parcae_serve.server.api.text import encode_texts, parse_client_json
 from parcae_serve.server.engine.scheduler import QueueFull
 
-router = APIRouter()
 DISCONNECT_POLL_S = 0.2
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # pydantic's union-member locs
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    reasons = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model",
+               413: "request body over --max-request-bytes", 429: "queue full (Retry-After)",
+               503: "loading or draining (Retry-After)"}  # fmt: skip
+    out: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": reasons[code]} for code in codes
+    }
+    out["default"] = {"model": ErrorResponse, "description": "any other error"}
+    return out
+
+
+class ClientTextRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_client_json(await self.body())
+        return self._json
+
+
+class ClientTextRoute(APIRoute):
+    """Routes whose JSON body is parsed by `parse_client_json`: any bytes, any text."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def parse_as_client_text(request: Request) -> Response:
+            return await handler(ClientTextRequest(request.scope, request.receive))
+
+        return parse_as_client_text
+
+
+router = APIRouter(route_class=ClientTextRoute)
 
 
 def state_of(request: Request) -> ServerState:
@@ -53,20 +102,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "NotFoundError" if err.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(err.status_code, str(err.detail), kind))
+        return error_response(APIError(err.status_code, str(err.detail), kind, headers=err.headers))
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, err: Exception) -> JSONResponse:
         return error_response(
             APIError(500, f"internal error: {type(err).__name__}", "internal_error")
         )
-
-
-def authorised(request: Request) -> None:
-    key = state_of(request).settings.api_key
-    if key and request.headers.get("authorization") != f"Bearer {key}":
-        raise APIError(401, "invalid or missing API key", "authentication_error",
-                       code="invalid_api_key")  # fmt: skip
 
 
 def serving(request: Request) -> ServerState:
@@ -86,8 +128,31 @@ def queue_full() -> APIError:
                     headers={"Retry-After": "1"})  # fmt: skip
 
 
-@router.post("/v1/completions", dependencies=[Depends(authorised)])
-async def completions(body: CompletionRequest, request: Request):
+SSE_EVENT = {  # one server-sent event (OpenAPI 3.1: the schema of each event)
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "a completion chunk (a CompletionResponse with one choice delta, or "
+            "`choices: []` and the usage), or `[DONE]` last",
+        },
+        "event": {"type": "string"},
+    },
+}
+COMPLETION_OK = {
+    "model": CompletionResponse,
+    "description": "the completion; with `stream: true`, server-sent events ending `data: [DONE]`",
+    "content": {"text/event-stream": {"schema": SSE_EVENT}},
+}
+
+
+@router.post(
+    "/v1/completions", response_model=None,
+    responses={200: COMPLETION_OK, **_errors(400, 401, 404, 413, 429, 503)},
+)  # fmt: skip
+async def completions(body: CompletionRequest, request: Request) -> Response:
     state = serving(request)
     service = state.service
     try:
@@ -99,7 +164,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise queue_full() from None
 
 
-async def _until_disconnect(request: Request, work):
+async def _until_disconnect(request: Request, work) -> Response:
     """Run `work`, cancelling it (and so freeing its sequences) if the client goes away."""
     task = asyncio.ensure_future(work)
     while not task.done():
@@ -108,11 +173,11 @@ async def _until_disconnect(request: Request, work):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             return Response(status_code=499)
-    return task.result()
+    return JSONResponse(task.result().model_dump(mode="json"))
 
 
-@router.get("/v1/models", dependencies=[Depends(authorised)])
-async def models(request: Request) -> dict:
+@router.get("/v1/models", responses=_errors(401, 503))
+async def models(request: Request) -> ModelList:
     state = serving(request)
     cfg, limits = state.engine.model.cfg, state.service.limits
     recurrence = {
@@ -134,46 +199,53 @@ async def models(request: Request) -> dict:
         "max_model_len": limits.max_context,
         "recurrence": recurrence,
     }
-    return {"object": "list", "data": [card]}
+    return ModelList(data=[card])
 
 
-@router.get("/health")
-async def health(request: Request) -> Response:
+@router.get(
+    "/health",
+    response_model_exclude_none=True,
+    responses={503: {"model": Health, "description": "loading or draining"}},
+)
+async def health(request: Request) -> Health:
     state = state_of(request)
     if state.ready and not state.draining:
-        return JSONResponse({"status": "ok"})
+        return Health(status="ok")
     status = "draining" if state.draining else ("failed" if state.load_error else "loading")
-    return JSONResponse({"status": status, "detail": state.load_error}, status_code=503)
+    body = Health(status=status, detail=state.load_error)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}})  # fmt: skip
 async def metrics(request: Request) -> Response:
     return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/tokenize", dependencies=[Depends(authorised)])
-async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+@router.post("/tokenize", responses=_errors(400, 401, 413, 503))
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = serving(request)
-    tokens = state.tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
-    return {
-        "tokens": tokens,
-        "count": len(tokens),
-        "max_model_len": state.service.limits.max_context,
-    }
+    encoded = await asyncio.to_thread(
+        encode_texts, state.tokenizer, [body.prompt], body.add_special_tokens
+    )
+    tokens = encoded[0]
+    return TokenizeResponse(
+        tokens=tokens, count=len(tokens), max_model_len=state.service.limits.max_context
+    )
 
 
-@router.post("/detokenize", dependencies=[Depends(authorised)])
-async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+@router.post("/detokenize", responses=_errors(400, 401, 413, 503))
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = serving(request)
     vocab = state.service.limits.vocab_size
     if any(t < 0 or t >= vocab for t in body.tokens):
         raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-    return {"prompt": state.tokenizer.decode(body.tokens)}
+    return DetokenizeResponse(prompt=await asyncio.to_thread(state.tokenizer.decode, body.tokens))
 
 
 @router.get("/version")
-async def server_version() -> dict:
+async def server_version() -> Version:
     try:
-        return {"version": version("parcae-serve")}
+        return Version(version=version("parcae-serve"))
     except PackageNotFoundError:
-        return {"version": "unknown"}
+        return Version(version="unknown")

@@ -50,7 +50,13 @@ class ServerSettings(BaseSettings):
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY'")
+    api_key: str | None = Field(
+        None,
+        description="require 'Authorization: Bearer KEY' (all but /health, /metrics, /version)",
+    )
+    max_request_bytes: int = Field(
+        8 * 2**20, ge=1, description="largest request body; larger ones get 413 unread"
+    )
     drain_grace: float = Field(30.0, ge=0, description="seconds to finish requests on SIGTERM")
     log_level: str = Field("info", description="uvicorn log level")
 

@@ -1,0 +1,239 @@
+"""The completions contract over real HTTP: logprobs that match the text, streaming that equals
+the non-streamed answer, and every field either honoured or refused."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import httpx
+import pytest
+
+CODE = "import os\nimport sys\n"
+UNICODE = "héllo wörld — 你好 🎉\ndef f(x):\n"
+
+
+def post(url: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
+def complete(url: str, body: dict) -> dict:
+    r = post(url, body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream_as_response(url: str, body: dict) -> dict:
+    """Stream `body` and fold the events into the shape of a non-streamed response."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    choices: dict[int, dict] = {}
+    usage, done = None, False
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: ") and not done
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                into = choices.setdefault(c["index"], {"index": c["index"], "text": "",
+                                                       "logprobs": None, "finish_reason": None})  # fmt: skip
+                assert into["finish_reason"] is None, "an event after the finish_reason"
+                into["text"] += c["text"]
+                into["finish_reason"] = c["finish_reason"]
+                if c["logprobs"] is not None:
+                    lp = into["logprobs"] = into["logprobs"] or {k: [] for k in c["logprobs"]}
+                    for key, values in c["logprobs"].items():
+                        lp[key] += values
+    assert done
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
+
+
+def assert_offsets_index_the_text(choice: dict, specials: tuple[str, ...] = ()) -> None:
+    """Every text_offset points into the returned text, where that token's text is."""
+    text, lp = choice["text"], choice["logprobs"]
+    offsets = lp["text_offset"]
+    assert offsets == sorted(offsets)
+    assert all(0 <= o <= len(text) for o in offsets)
+    for offset, token in zip(offsets, lp["tokens"], strict=True):
+        plain = "\ufffd" not in token and not token.startswith("token_id:")
+        if plain and token not in specials and offset + len(token) <= len(text):
+            assert text[offset : offset + len(token)] == token, (offset, token, text)
+
+
+def assert_top_logprobs_consistent(choice: dict, k: int) -> None:
+    """Unique keys, the chosen token among them with its own value, k alternatives."""
+    lp = choice["logprobs"]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                 strict=True):  # fmt: skip
+        if value is None:  # the first prompt token
+            assert top is None
+            continue
+        assert top[token] == pytest.approx(value, abs=1e-6)
+        assert len(top) >= max(k, 1)
+
+
+# Kind 1: logprobs match the text --------------------------------------------------------------
+
+OFFSET_CASES = [
+    # text held back while a stop string may still match (the reported case)
+    {"prompt": CODE, "max_tokens": 20, "temperature": 0, "seed": 2, "logprobs": 1, "stop": ["\n\n"]},
+    {"prompt": CODE, "max_tokens": 24, "temperature": 0, "logprobs": 2, "stop": ["\nimport sys"]},
+    {"prompt": CODE, "max_tokens": 24, "temperature": 0, "logprobs": 1, "stop": ["os\nimport o"]},
+    {"prompt": CODE, "max_tokens": 12, "temperature": 0, "logprobs": 1, "echo": True},
+    {"prompt": CODE, "max_tokens": 12, "temperature": 0, "logprobs": 1, "echo": True, "stop": "\n"},
+    {"prompt": UNICODE, "max_tokens": 16, "temperature": 0.9, "seed": 4, "logprobs": 3, "echo": True},
+    {"prompt": UNICODE, "max_tokens": 0, "logprobs": 5, "echo": True},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body", OFFSET_CASES)
+def test_text_offsets_index_the_returned_text(builtin_server: str, body: dict) -> None:
+    out = complete(builtin_server, body)
+    for choice in out["choices"]:
+        assert_offsets_index_the_text(choice, specials=("<|bos|>", "<|eos|>"))
+        assert_top_logprobs_consistent(choice, body["logprobs"])
+
+
+def test_reported_stop_case_has_offsets_one_per_token(builtin_server: str) -> None:
+    choice = complete(builtin_server, OFFSET_CASES[0])["choices"][0]
+    lp, text = choice["logprobs"], choice["text"]
+    assert "\n" in text  # the case exercises text held back for "\n\n"
+    starts = [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    assert lp["text_offset"] == [min(s, len(text)) for s in starts]
+
+
+def test_byte_pieces_get_unique_keys_with_their_own_values(live_server: str) -> None:
+    """The tiny model's byte-level pieces all render as U+FFFD: keys must not collide."""
+    body = {"prompt": UNICODE * 2, "max_tokens": 8, "logprobs": 8, "echo": True, "seed": 1}
+    choice = complete(live_server, body)["choices"][0]
+    lp = choice["logprobs"]
+    assert any(len([k for k in top if k.startswith("token_id:")]) > 1
+               for top in lp["top_logprobs"] if top)  # fmt: skip
+    assert_top_logprobs_consistent(choice, 8)
+    assert_offsets_index_the_text(choice, specials=("<|bos|>",))
+    by_id = complete(live_server, {**body, "return_tokens_as_token_ids": True})["choices"][0]
+    ids = httpx.post(f"{live_server}/tokenize", json={"prompt": UNICODE * 2}).json()["tokens"]
+    assert by_id["logprobs"]["tokens"][: len(ids)] == [f"token_id:{t}" for t in ids]
+    assert by_id["logprobs"]["token_logprobs"] == lp["token_logprobs"]
+    for named, numbered in zip(lp["top_logprobs"], by_id["logprobs"]["top_logprobs"], strict=True):
+        assert (named is None) == (numbered is None)
+        if named:  # the same alternatives, each with its own value
+            assert sorted(named.values()) == pytest.approx(sorted(numbered.values()))
+            assert all(k.startswith("token_id:") for k in numbered)
+
+
+def test_logprobs_zero_gives_the_sampled_tokens_entry(builtin_server: str) -> None:
+    body = {"prompt": CODE, "max_tokens": 6, "temperature": 0, "logprobs": 0, "echo": True}
+    lp = complete(builtin_server, body)["choices"][0]["logprobs"]
+    assert lp["top_logprobs"][0] is None
+    for token, value, top in list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                      strict=True))[1:]:  # fmt: skip
+        assert top == {token: value}
+
+
+# Kind 2: a stream is the non-streamed response, cut in pieces ------------------------------------
+
+PROMPTS = [CODE, UNICODE, [1, 400, 401, 402, 403, 404]]
+GRID = list(itertools.product([False, True], [None, 0, 2], [1, 2], [False, True], [0, 9]))
+
+
+@pytest.mark.parametrize(("echo", "logprobs", "n", "stop", "max_tokens"), GRID)
+def test_stream_equals_non_stream(builtin_server, echo, logprobs, n, stop, max_tokens) -> None:
+    i = GRID.index((echo, logprobs, n, stop, max_tokens))
+    body = {"prompt": PROMPTS[i % 3], "echo": echo, "logprobs": logprobs, "n": n,
+            "max_tokens": max_tokens, "temperature": 0.8, "seed": i}  # fmt: skip
+    if stop:  # a stop string from the middle of the unstopped text, so it is held back and cut
+        text = complete(builtin_server, {**body, "echo": False, "max_tokens": 9})["choices"][0]
+        body["stop"] = [text["text"][3:5] or "\n", "never seen"]
+    whole = complete(builtin_server, body)
+    streamed = stream_as_response(builtin_server, body)
+    assert streamed["usage"] == whole["usage"]
+    assert streamed["choices"] == whole["choices"]
+    assert len(whole["choices"]) == n
+    if echo and isinstance(body["prompt"], str):
+        assert all(c["text"].startswith(body["prompt"]) for c in whole["choices"])
+
+
+def test_echo_stream_sends_the_prompt_once(builtin_server: str) -> None:
+    body = {"prompt": "def fibonacci(n):", "max_tokens": 3, "echo": True, "temperature": 0}
+    streamed = stream_as_response(builtin_server, body)["choices"][0]["text"]
+    assert streamed.count("def fibonacci(n):") == 1
+    assert streamed == complete(builtin_server, body)["choices"][0]["text"]
+
+
+# Kind 3: every field works or is refused --------------------------------------------------------
+
+REFUSED = [
+    ("suffix", "\n# end"),
+    ("best_of", 2),
+    ("logit_bias", {"50256": -100}),
+    ("response_format", {"type": "json_object"}),
+    ("use_beam_search", True),
+    ("guided_json", {"type": "object"}),
+    ("guided_choice", ["a", "b"]),
+    ("include_stop_str_in_output", True),
+    ("prompt_logprobs", 1),
+    ("allowed_token_ids", [1, 2]),
+    ("skip_special_tokens", False),
+    ("truncate_prompt_tokens", 10),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), REFUSED)
+def test_known_unimplemented_fields_are_refused_by_name(live_server, field, value) -> None:
+    for stream in (False, True):
+        r = post(live_server, {"prompt": "x", "max_tokens": 1, "stream": stream, field: value})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == field
+        assert field in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "inert", [{"suffix": None}, {"best_of": 1}, {"logit_bias": {}}, {"use_beam_search": False},
+              {"skip_special_tokens": True}, {"response_format": {"type": "text"}}],
+)  # fmt: skip
+def test_refused_fields_at_their_default_are_accepted(live_server: str, inert: dict) -> None:
+    assert post(live_server, {"prompt": "x", "max_tokens": 1, **inert}).status_code == 200
+
+
+def test_unknown_fields_are_accepted_and_logged_once(tiny_model_dir, tmp_path) -> None:
+    from tests.conftest import running_server
+
+    log = tmp_path / "server.log"
+    with running_server(tiny_model_dir, log=log) as server:
+        for _ in range(3):
+            r = post(server.url, {"prompt": "x", "max_tokens": 1, "frobnicate": {"a": 1}})
+            assert r.status_code == 200
+    assert log.read_text().count("'frobnicate'") == 1
+
+
+def test_min_tokens_over_max_tokens_is_refused(live_server: str) -> None:
+    r = post(live_server, {"prompt": "x", "max_tokens": 2, "min_tokens": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
+def test_stream_options_without_stream_is_refused(live_server: str) -> None:
+    r = post(live_server, {"prompt": "x", "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
+def test_seed_minus_one_means_random(builtin_server: str) -> None:
+    body = {"prompt": CODE, "max_tokens": 16, "temperature": 1.0}
+    texts = {complete(builtin_server, {**body, "seed": -1})["choices"][0]["text"] for _ in range(4)}
+    assert len(texts) > 1
+    seeded = {complete(builtin_server, {**body, "seed": 7})["choices"][0]["text"] for _ in range(2)}
+    assert len(seeded) == 1
+    assert post(builtin_server, {**body, "seed": -2}).status_code == 400
+
+
+def test_add_special_tokens_false_drops_bos(live_server: str) -> None:
+    body = {"prompt": "x = 1", "max_tokens": 0, "echo": True, "logprobs": 0}
+    with_bos = complete(live_server, body)["choices"][0]["logprobs"]["tokens"]
+    without = complete(live_server, {**body, "add_special_tokens": False})
+    assert with_bos[0] == "<|bos|>"
+    assert without["choices"][0]["logprobs"]["tokens"] == with_bos[1:]
