@@ -216,10 +216,13 @@ async def health(request: Request) -> Health:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}})  # fmt: skip
-async def metrics(request: Request) -> Response:
-    return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+class PrometheusText(PlainTextResponse):
+    media_type = CONTENT_TYPE_LATEST
+
+
+@router.get("/metrics", response_class=PrometheusText)
+async def metrics(request: Request) -> PrometheusText:
+    return PrometheusText(state_of(request).metrics.render())
 
 
 @router.post("/tokenize", responses=_errors(400, 401, 413, 503))

@@ -11,6 +11,7 @@ from parcae_serve.model.tokenizer import IncrementalDecoder, Tokenizer
 
 REPLACEMENT = "\ufffd"
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 # Client text in -----------------------------------------------------------------------------------
@@ -37,7 +38,9 @@ def _no_constant(name: str) -> Any:
 def parse_client_json(body: bytes) -> Any:
     """A request body as JSON, whatever bytes it holds: invalid UTF-8 (e.g. CESU-8 surrogates)
     and lone surrogates become U+FFFD; NaN and Infinity, which JSON lacks, are a decode error."""
-    return _clean(json.loads(body.decode("utf-8", "replace"), parse_constant=_no_constant))
+    text = body.decode("utf-8", "replace")
+    value = json.loads(text, parse_constant=_no_constant)
+    return _clean(value) if _SURROGATE_ESCAPE.search(text) else value  # only escapes make them
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], add_bos: bool = True) -> list[list[int]]:
