@@ -113,6 +113,7 @@ class CompletionService:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServingLimits) -> None:
         self.engine, self.tokenizer, self.limits = engine, tokenizer, limits
         self.live: set[Sequence] = set()  # submitted and not yet finished (the drain ends them)
+        self.closed = False  # set by abort_all: nothing more is submitted
         self._ignored_logged: set[str] = set()
 
     # Request -> engine requests ---------------------------------------------------------------
@@ -314,6 +315,9 @@ class CompletionService:
     def _submit(self, choices: list[Choice]) -> None:
         """Put every choice into the engine before any response starts: a full queue is a 429
         for the whole request, never a half-answered one."""
+        if self.closed:  # admitted before the drain began, tokenised after its grace ran out
+            raise APIError(503, "server is shutting down", "service_unavailable",
+                           headers={"Retry-After": "5"})  # fmt: skip
         if not self.engine.has_room(len(choices)):
             raise QueueFull
         try:
@@ -326,7 +330,8 @@ class CompletionService:
 
     def abort_all(self, reason: str = "abort") -> int:
         """End every running request at the next engine step (their responses still end
-        properly, with this finish_reason); returns how many were running."""
+        properly, with this finish_reason) and take no more; returns how many were running."""
+        self.closed = True
         for seq in list(self.live):
             self.engine.abort(seq, reason)
         return len(self.live)

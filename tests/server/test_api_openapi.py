@@ -26,12 +26,12 @@ def url(tiny_model_dir) -> Iterator[str]:
         yield server.url
 
 
-def test_schema_fuzzer_finds_no_server_error_and_no_schema_violation(url: str) -> None:
+def test_schema_fuzzer_finds_no_server_error_and_no_schema_violation(url: str, tmp_path) -> None:
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
            "--checks", CHECKS, "--max-examples", "100", "--seed", "14",
            "--generation-deterministic", "--workers", "1", "--request-timeout", "30",
            "--no-color"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]
 
 
