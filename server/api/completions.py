@@ -180,6 +180,10 @@ class CompletionService:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true",
                            param="stream_options")  # fmt: skip
+        if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+            raise APIError(400, "stream_options.continuous_usage_stats is not supported by this "
+                           "server", param="stream_options.continuous_usage_stats",
+                           code="unsupported_parameter")  # fmt: skip
 
     def _policy(self, req: CompletionRequest, depth: int) -> LoopSlotPolicy | None:
         if req.kv_policy is None:

@@ -28,7 +28,9 @@ class RecurrenceExitSpec(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; refused when true (see CompletionService)
 
 
 # Known OpenAI / vLLM completion fields this server does not implement, with the values that mean

@@ -212,6 +212,16 @@ def test_unknown_fields_are_accepted_and_logged_once(tiny_model_dir, tmp_path) -
     assert log.read_text().count("'frobnicate'") == 1
 
 
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [({"continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
+     ({"include_usage": True, "made_up": 1}, "stream_options.made_up")],
+)  # fmt: skip
+def test_unsupported_stream_options_are_refused(live_server: str, options, param) -> None:
+    r = post(live_server, {"prompt": "x", "stream": True, "stream_options": options})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
 def test_min_tokens_over_max_tokens_is_refused(live_server: str) -> None:
     r = post(live_server, {"prompt": "x", "max_tokens": 2, "min_tokens": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
