@@ -81,7 +81,7 @@ def test_malformed_json_is_a_400(live_server: str, body: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir) -> Iterator:
-    with running_server(tiny_model_dir, "--max-batch", "8", "--max-queue", "300") as s:
+    with running_server(tiny_model_dir, "--max-batch", "4", "--max-queue", "12") as s:
         yield s
 
 
@@ -89,15 +89,21 @@ def server(tiny_model_dir) -> Iterator:
 
 
 @pytest.mark.parametrize(("prompts", "n", "param"), [(330, 1, "prompt"), (21, 16, "n")])
-def test_request_that_can_never_fit_is_a_400_naming_the_limit(server, prompts, n, param) -> None:
+def test_request_that_can_never_fit_is_a_400_naming_the_limit(live_server, prompts, n, param):
     body = {"prompt": ["x = 1"] * prompts, "n": n, "max_tokens": 1}
-    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    r = httpx.post(f"{live_server}/v1/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param
-    assert "308" in error["message"] and "--max-batch + --max-queue" in error["message"]
-    fits = {"prompt": ["x = 1"] * 19, "n": 16, "max_tokens": 1}  # 304 sequences
-    assert httpx.post(f"{server.url}/v1/completions", json=fits, timeout=120).status_code == 200
+    assert "320" in error["message"] and "--max-batch + --max-queue" in error["message"]
+
+
+def test_the_largest_request_that_fits_is_served(server) -> None:
+    url = f"{server.url}/v1/completions"
+    assert httpx.post(url, json={"prompt": ["x"] * 17, "max_tokens": 1}).status_code == 400
+    ok = httpx.post(url, json={"prompt": ["x"] * 4, "n": 4, "max_tokens": 1}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["choices"]) == 16
 
 
 # Any size ---------------------------------------------------------------------------------------
