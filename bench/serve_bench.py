@@ -58,9 +58,11 @@ def naive_tokens_per_s(model_dir: Path, depth: int, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-async def one_stream(http: httpx.AsyncClient, depth: int, new_tokens: int) -> dict:
+async def one_stream(
+    http: httpx.AsyncClient, depth: int, new_tokens: int, prompt: list[int] = PROMPT
+) -> dict:
     body = {
-        "prompt": PROMPT,
+        "prompt": prompt,
         "max_tokens": new_tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -86,10 +88,12 @@ async def one_stream(http: httpx.AsyncClient, depth: int, new_tokens: int) -> di
             "tpot": (end - first) / max(1, n - 1)}  # fmt: skip
 
 
-async def run_streams(url: str, depths: list[int], new_tokens: int) -> tuple[list[dict], float]:
+async def run_streams(
+    url: str, depths: list[int], new_tokens: int, prompt: list[int] = PROMPT
+) -> tuple[list[dict], float]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(http, d, new_tokens) for d in depths))
+        results = await asyncio.gather(*(one_stream(http, d, new_tokens, prompt) for d in depths))
         return results, time.perf_counter() - start
 
 

@@ -46,6 +46,8 @@ class CausalContext:
 def frozen(module: nn.Module, name: str, params: tuple[Tensor, ...], build) -> Tensor:
     """`build()` cached on `module` until one of `params` changes (in place or replaced): lets
     inference reuse derived weights without a separate 'compile' step."""
+    if torch.compiler.is_compiling():
+        return build()  # inside a graph: traced once, constant-folded by the compiler
     stamp = tuple((p.data_ptr(), p._version) for p in params)
     cached = module.__dict__.get(name)
     if cached is None or cached[0] != stamp:
@@ -73,20 +75,23 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(head_dim: int, length: int, base: float, condense: int) -> Tensor:
-    """Complex rotations (length, head_dim/2): pair m turns by pos / base^(2m/head_dim)."""
+    """Rotations (length, head_dim/2, 2) as (cos, sin): pair m turns by pos / base^(2m/head_dim).
+    Real, not complex, so compiled graphs fuse them (inductor has no complex kernels)."""
     cpu = torch.device("cpu")  # explicit, so a model built on the meta device still gets tables
     inv_freq = 1.0 / base ** (
         torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim
     )
     pos = torch.arange(length, dtype=torch.float64, device=cpu) / condense
     angles = torch.outer(pos, inv_freq)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.stack([angles.cos(), angles.sin()], -1).float()
 
 
 def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
-    """Rotate interleaved pairs (2m, 2m+1) in fp32; rot broadcasts over (B, H, L, hd/2)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * rot).flatten(-2)
+    """Rotate interleaved pairs (2m, 2m+1) in fp32; rot (.., hd/2, 2) broadcasts over
+    (B, H, L, hd/2, 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    xe, xo, cos, sin = pairs[..., 0], pairs[..., 1], rot[..., 0], rot[..., 1]
+    return torch.stack([xe * cos - xo * sin, xe * sin + xo * cos], -1).flatten(-2)
 
 
 NONLINEARITIES = {
@@ -258,7 +263,7 @@ class Parcae(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer["wte"].weight
         # Rotation tables live outside the state dict and outside `.to(dtype)`: they stay
-        # complex64 (fp32 RoPE) whatever the weights' dtype, and follow the device on first use.
+        # fp32 (cos, sin) whatever the weights' dtype, and follow the device on first use.
         base, condense = cfg.rope_settings.rope_base, cfg.rope_settings.rope_condense_ratio
         self._rope = {
             hd: rope_table(hd, cfg.block_size, base, condense) for hd in {d // H, d_rec // H_rec}
@@ -272,7 +277,7 @@ class Parcae(nn.Module):
         return self.transformer[part][i]
 
     def rotations(self, positions: Tensor) -> dict[int, Tensor]:
-        """Per head_dim, rotations (B, 1, L, hd/2) for positions (B, L); reused every loop."""
+        """Per head_dim, rotations (B, 1, L, hd/2, 2) for positions (B, L); reused every loop."""
         out = {}
         for hd, table in self._rope.items():
             if table.device != positions.device:

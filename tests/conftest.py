@@ -42,7 +42,8 @@ def running_server(
     to `log` if given)."""
     port = free_port()
     cmd = [sys.executable, "-m", "parcae_serve.server.api.cli", "--model", str(model_dir), "--port", str(port),
-           "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20), *flags]  # fmt: skip
+           "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20),
+           "--compile", "off", *flags]  # fmt: skip  (a later --compile wins: tests opt in)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     stderr = open(log, "w") if log else None  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr)

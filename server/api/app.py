@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def depth_table(model_dir: Path) -> dict | None:
     return None
 
 
+def compile_mode(setting: str, device: str) -> str:
+    """The compiled decode path for `--compile`: auto = CUDA graphs on CUDA, inductor on CPU."""
+    if setting != "auto":
+        return setting
+    return "cudagraphs" if device == "cuda" else "inductor"
+
+
 def build(state: ServerState) -> None:
     """Load everything (blocking; runs in a worker thread while /health says 503)."""
     s = state.settings
@@ -77,8 +85,16 @@ def build(state: ServerState) -> None:
         kv_cache_bytes=s.kv_cache_bytes or default_kv_bytes(device),
         block_size=s.block_size,
         eos_id=tokenizer.eos_id,
+        compile=compile_mode(s.compile, device),
     )
     engine = Engine(model, engine_cfg, state.metrics)
+    default_depth = min(cfg.mean_recurrence, s.max_depth)
+    depths = [int(d) for d in s.compile_depths.split(",")] if s.compile_depths else [default_depth]
+    started = time.monotonic()
+    engine.compile_decode([d for d in depths if d <= s.max_depth])
+    if engine_cfg.compile != "off":
+        log.info("compiled decode (%s) for depths %s in %.0f s", engine_cfg.compile, depths,
+                 time.monotonic() - started)  # fmt: skip
     engine.start()
     warm = EngineRequest([tokenizer.bos_id or 0, 1], SamplingParams(max_tokens=2), LoopParams(2))
     engine.generate_sync(warm)
@@ -86,7 +102,7 @@ def build(state: ServerState) -> None:
         model_name=s.served_model_name or model_dir.name,
         max_depth=s.max_depth,
         max_context=max_context,
-        default_depth=min(cfg.mean_recurrence, s.max_depth),
+        default_depth=default_depth,
         vocab_size=cfg.vocab_size,
         max_sequences=s.max_batch + s.max_queue,
         max_prompt_chars=max_context * longest_token_chars(tokenizer),

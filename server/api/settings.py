@@ -48,6 +48,17 @@ class ServerSettings(BaseSettings):
         ge=1,
         description="CPU threads for the model's kernels (default: cores - 1, one left for HTTP)",
     )
+    compile: Literal["auto", "off", "inductor", "cudagraphs", "eager"] = Field(
+        "auto",
+        description="compiled decode path: inductor (torch.compile), cudagraphs (CUDA graphs on "
+        "top), off (eager runner only), eager (the graph's code uncompiled, for debugging); "
+        "auto = cudagraphs on CUDA, inductor on CPU. Compiling is paid at start-up.",
+    )
+    compile_depths: str | None = Field(
+        None,
+        description="comma-separated depths whose decode graphs are compiled at start-up "
+        "(default: the default depth); decode at other depths runs eagerly",
+    )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")
     api_key: str | None = Field(
@@ -59,6 +70,15 @@ class ServerSettings(BaseSettings):
     )
     drain_grace: float = Field(30.0, ge=0, description="seconds to finish requests on SIGTERM")
     log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("compile_depths")
+    @classmethod
+    def _depth_list(cls, value: str | None) -> str | None:
+        if value is not None and not all(
+            d.strip().isdigit() and int(d) >= 1 for d in value.split(",")
+        ):
+            raise ValueError("give depths as comma-separated positive integers, e.g. 4,8,12")
+        return value
 
     @field_validator("kv_policy")
     @classmethod

@@ -36,6 +36,7 @@ class EngineConfig:
     kv_cache_bytes: int = 256 * 2**20
     block_size: int = 16
     eos_id: int | None = None
+    compile: str = "off"  # "off" | "inductor" | "cudagraphs": the compiled decode path
 
 
 class Engine:
@@ -54,7 +55,7 @@ class Engine:
             dtype=dtype,
         )
         self.scheduler = Scheduler(config.scheduler, self.cache)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, config.compile)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.pool: list[InFlight] = []
@@ -74,6 +75,13 @@ class Engine:
         self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def compile_decode(self, depths: list[int]) -> None:
+        """Compile (warm up) the decode graphs of `depths` (one serves every KV policy); call
+        before serving. Decode at other depths runs eagerly."""
+        if self.runner.decoder is not None:
+            for depth in depths:
+                self.runner.decoder.warm(depth)
 
     def _run(self) -> None:
         while not self._stop:
@@ -153,14 +161,21 @@ class Engine:
         for seq in sched.admit(self._namespace):
             if not seq.preemptions:  # a readmission after preemption is not queueing time
                 self.metrics.queue_time.observe(seq.admitted_at - seq.arrival)
-        work = sched.plan()
-        if work:
-            groups = [self._in_flight(w) for w in work]
-            self.runner.prelude(groups)
-            self.pool.extend(groups)
+        groups = [self._in_flight(w) for w in sched.plan()]
+        keys = [self.runner.compiled_key(g) for g in groups]
+        compiled = [(g, k) for g, k in zip(groups, keys, strict=True) if k is not None]
+        if compiled:  # whole tokens in one graph call per (depth, slots), finished at once
+            done = [g for g, _ in compiled]
+            self._finish(done, self.runner.decode(done, [k for _, k in compiled]))
+            self.metrics.batch.observe(len(done))
+            self.metrics.compiled_tokens.inc(len(done))
+        eager = [g for g, k in zip(groups, keys, strict=True) if k is None]
+        if eager:
+            self.runner.prelude(eager)
+            self.pool.extend(eager)
         self._observe_gauges()
         if not self.pool:
-            return bool(sched.waiting and sched.running)
+            return bool(compiled) or bool(sched.waiting and sched.running)
         while True:
             looping = [g for g in self.pool if not g.done]
             if looping:

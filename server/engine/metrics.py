@@ -39,6 +39,9 @@ class Metrics:
         self.generation_tokens = Counter(f"{p}generation_tokens", "Tokens generated", registry=r)
         self.loops = Counter(f"{p}recurrence_loops", "Recurrent-block loops run", registry=r)
         self.early_exits = Counter(f"{p}early_exits", "Tokens that exited early", registry=r)
+        self.compiled_tokens = Counter(
+            f"{p}compiled_decode_tokens", "Decode tokens run by a compiled graph", registry=r
+        )
         self.prefix_queries = Counter(f"{p}prefix_cache_queries", "Prefix lookups", registry=r)
         self.prefix_hits = Counter(f"{p}prefix_cache_hits", "Prefix lookups that hit", registry=r)
         self.running = Gauge(f"{p}requests_running", "Sequences being computed", registry=r)

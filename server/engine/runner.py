@@ -16,6 +16,13 @@ import torch
 from torch import Tensor
 
 from parcae_serve.model.parcae import Parcae
+from parcae_serve.server.engine.decode_graph import (
+    CompiledDecoder,
+    DecodeBatch,
+    DecodeKey,
+    decode_key,
+    write_kv,
+)
 from parcae_serve.server.engine.kv_cache import KVCache
 from parcae_serve.server.engine.paged_attention import AttentionGroup, PagedAttention
 from parcae_serve.server.engine.sequence import Sequence
@@ -53,13 +60,81 @@ class InFlight:
 
 
 class ModelRunner:
-    def __init__(self, model: Parcae, cache: KVCache) -> None:
+    def __init__(self, model: Parcae, cache: KVCache, compile_mode: str = "off") -> None:
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.n_prelude = model.cfg.n_layers_in_prelude
         self._loop_key: tuple | None = None
         self._loop_ctx: tuple[PagedAttention, dict] | None = None
+        self._like = torch.empty(0, device=self.device, dtype=self.dtype)
+        self.decoder = (
+            None if compile_mode == "off" else CompiledDecoder(model, cache, compile_mode)
+        )
+
+    # The compiled decode path --------------------------------------------------------------
+    def compiled_key(self, g: InFlight) -> DecodeKey | None:
+        """The graph that can run `g` whole, if any: one decode token, fixed depth, warmed up."""
+        if self.decoder is None or len(g.positions) != 1 or g.seq.request.loops.exit is not None:
+            return None
+        if g.depth not in self.decoder.ready:
+            return None
+        return decode_key(g.depth, g.seq.table.slot)
+
+    @torch.inference_mode()
+    def decode(self, groups: list[InFlight], keys: list[DecodeKey]) -> Tensor:
+        """Run single-token groups through their compiled graphs (one call per key) and leave
+        them done, as if they had looped; returns fp32 logits (N, V) in the groups' order."""
+        logits: list[Tensor | None] = [None] * len(groups)
+        by_key: dict[DecodeKey, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_key.setdefault(key, []).append(i)
+        for key, members in by_key.items():
+            batch, outer_write, rec_write = self._decode_batch([groups[i] for i in members], key)
+            out = self.decoder(key[0], batch)
+            write_kv(self.cache, key[1], out, outer_write, rec_write)
+            for j, i in enumerate(members):
+                g = groups[i]
+                g.h, g.loop, g.n_active = out.h[j : j + 1], g.depth, 1
+                g.active = torch.ones(1, dtype=torch.bool)
+                g.loops_used = torch.full((1,), g.depth, dtype=torch.long)
+                logits[i] = out.logits[j]
+        return torch.stack(logits)
+
+    def _decode_batch(
+        self, groups: list[InFlight], key: DecodeKey
+    ) -> tuple[DecodeBatch, Tensor, Tensor]:
+        """Graph inputs from the sequences' kept pool-row indices (never rebuilt per token),
+        and the rows the new K/V go to: outer (B,), recurrent (S, B)."""
+        tables = [g.seq.table for g in groups]
+        pos = [int(g.positions[0]) for g in groups]
+        if len(groups) == 1:
+            outer_rows, rec_rows = tables[0].outer_index()[None], tables[0].rec_index()[:, None]
+        else:
+            L = max(t.capacity for t in tables)
+            outer_rows = torch.zeros(len(groups), L, dtype=torch.long)
+            rec_rows = torch.zeros(tables[0].num_slots, len(groups), L, dtype=torch.long)
+            for b, t in enumerate(tables):
+                outer_rows[b, : t.capacity] = t.outer_index()
+                rec_rows[:, b, : t.capacity] = t.rec_index()
+        positions = torch.tensor(pos, device=self.device)
+        batch = DecodeBatch(
+            ids=torch.cat([g.ids for g in groups]).view(-1, 1),
+            positions=positions.view(-1, 1),
+            h0=torch.cat([self._initial_state(g, self._like) for g in groups]).unsqueeze(1),
+            lengths=positions,
+            outer_rows=outer_rows.to(self.device),
+            rec_rows=rec_rows.to(self.device),
+            slots=torch.tensor(key[1], device=self.device),
+        )
+        outer_write = torch.tensor([t.outer_rows[p] for t, p in zip(tables, pos, strict=True)])
+        rec_write = torch.tensor(
+            [
+                [t.rec_rows[s][p] for t, p in zip(tables, pos, strict=True)]
+                for s in range(len(rec_rows))
+            ]
+        )
+        return batch, outer_write.to(self.device), rec_write.to(self.device)
 
     # Stage A -------------------------------------------------------------------------------
     @torch.inference_mode()

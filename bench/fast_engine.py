@@ -1,0 +1,282 @@
+"""Fast-engine benchmark: decode against the machine's limits, compiled path vs eager.
+
+    python bench/fast_engine.py [--rounds 3] [--out bench/out/fast_engine.json]
+
+Measures, in one run on this machine:
+1. the machine: fp32 matmul GFLOP/s and DRAM read GB/s, at one thread and at all cores;
+2. the reference shape (random weights, d=128, P/R/C 2/2/2, vocab 512, T=8, 16-token prompt,
+   64 new tokens, greedy): one stream over HTTP with the compiled decode path and with
+   `--compile off`, against a research-style `generate()` in-process (eager modules, one
+   contiguous K/V tensor per (layer, loop), what a paper's reference loop does); A and B
+   interleaved, `--rounds` times, medians reported;
+3. the built-in model: one stream at its mean depth against its ceiling (the larger of its
+   compute time at the measured matmul rate and its weight-read time at the measured
+   bandwidth), 32 concurrent streams of mixed depths against the matmul rate, and decode
+   speed at 900 tokens of context against 64;
+4. a Parcae-140m-shaped model (d=768, 2/2/2, vocab 32768, fp32, random): one stream at T=8
+   against the DRAM bandwidth (bytes it must read per token / measured GB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.serve_bench import PROMPT, reference_checkpoint, run_streams  # noqa: E402
+from parcae_serve.model.config import ParcaeConfig  # noqa: E402
+from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from parcae_serve.model.parcae import Parcae, sdpa  # noqa: E402
+from tests.conftest import running_server  # noqa: E402
+from tests.helpers import random_model  # noqa: E402
+
+SERVER_FLAGS = ("--kv-cache-bytes", str(512 * 2**20), "--max-batch", "64")
+
+
+# The machine ---------------------------------------------------------------------------------
+def matmul_gflops(threads: int, n: int = 1536, reps: int = 6) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def read_gbps(threads: int, mib: int = 1024, reps: int = 5) -> float:
+    torch.set_num_threads(threads)
+    x = torch.ones(mib * 2**18)  # fp32
+    x.sum()
+    start = time.perf_counter()
+    for _ in range(reps):
+        x.sum()
+    return x.numel() * 4 * reps / (time.perf_counter() - start) / 1e9
+
+
+# Cost model of one decode token --------------------------------------------------------------
+def weight_params(model: Parcae) -> dict[str, int]:
+    """Parameters each part multiplies per token (embeddings are looked up, not multiplied)."""
+    t = model.transformer
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {
+        "prelude": count(t["prelude"]),
+        "core": count(t["core_block"]) + count(t["adapter"]),
+        "coda": count(t["coda"]) + count(t["C"]) + model.lm_head.weight.numel(),
+    }
+
+
+def token_flops(model: Parcae, depth: int, context: int) -> float:
+    """Multiply-adds x 2 of one decode token: weights, plus attention over the context."""
+    w, cfg = weight_params(model), model.cfg
+    outer_layers = cfg.n_layers_in_prelude + cfg.n_layers_in_coda
+    attention = (
+        2
+        * context
+        * (outer_layers * cfg.n_embd + depth * cfg.n_layers_in_recurrent_block * cfg.d_rec)
+    )
+    return 2 * (w["prelude"] + depth * w["core"] + w["coda"] + attention)
+
+
+def token_bytes(model: Parcae, depth: int) -> float:
+    """Weight bytes one stream must read per token when the weights do not stay in cache: the
+    core block is read again on every loop."""
+    w = weight_params(model)
+    size = next(model.parameters()).element_size()
+    return size * (w["prelude"] + depth * w["core"] + w["coda"])
+
+
+# The research-style baseline -----------------------------------------------------------------
+class ContiguousCache:
+    """A paper's reference decode: one growing K/V tensor per (layer, loop) key, SDPA on it."""
+
+    def __init__(self) -> None:
+        self.kv: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if key in self.kv:
+            pk, pv = self.kv[key]
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        self.kv[key] = (k, v)
+        return sdpa(q, k, v, causal=q.shape[2] > 1)
+
+
+@torch.inference_mode()
+def research_generate(model: Parcae, prompt: list[int], depth: int, new_tokens: int) -> float:
+    """Greedy decode with a per-(layer, loop) cache, eager; returns tokens/s (prefill included,
+    as a stream's tokens/s is)."""
+    cache, ids, start = ContiguousCache(), torch.tensor([prompt]), time.perf_counter()
+    pos = torch.arange(len(prompt))[None]
+    for _ in range(new_tokens):
+        rots = model.rotations(pos)
+        e = model.prelude(ids, rots, cache)
+        prepared = model.transformer["adapter"].prepare(e)
+        h = torch.zeros(*ids.shape, model.cfg.d_rec)
+        for t in range(depth):
+            h = model.core(h, prepared, ids, rots, cache, t)
+        nxt = model.coda(h, ids, rots, cache)[0, -1].argmax()
+        ids, pos = nxt.view(1, 1), pos[:, -1:] + 1
+    return new_tokens / (time.perf_counter() - start)
+
+
+# HTTP measurements ---------------------------------------------------------------------------
+def stream_tps(url: str, depths: list[int], new_tokens: int, prompt: list[int] = PROMPT) -> dict:
+    results, wall = asyncio.run(run_streams(url, depths, new_tokens, prompt))
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "tokens_per_s": tokens / wall,
+        "tpot_ms": statistics.median(r["tpot"] for r in results) * 1e3,
+    }
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def reference_section(model_dir: Path, rounds: int) -> dict:
+    model = load_checkpoint(model_dir)
+    research = []
+    with (
+        running_server(model_dir, *SERVER_FLAGS, timeout=900) as fast,
+        running_server(model_dir, *SERVER_FLAGS, "--compile", "off") as eager,
+    ):
+        for url in (fast.url, eager.url):
+            stream_tps(url, [8], 8)  # warm-up
+        fast_runs, eager_runs = [], []
+        for _ in range(rounds):  # A and B interleaved
+            torch.set_num_threads(1)
+            research.append(research_generate(model, PROMPT, 8, 64))
+            fast_runs.append(stream_tps(fast.url, [8], 64))
+            eager_runs.append(stream_tps(eager.url, [8], 64))
+    base = statistics.median(research)
+    return {
+        "research_generate_tps": base,
+        "http_compiled_tps": median_of(fast_runs, "tokens_per_s"),
+        "http_eager_tps": median_of(eager_runs, "tokens_per_s"),
+        "compiled_vs_research": median_of(fast_runs, "tokens_per_s") / base,
+        "eager_vs_research": median_of(eager_runs, "tokens_per_s") / base,
+    }
+
+
+def builtin_section(machine: dict, rounds: int) -> dict:
+    model_dir = builtin_checkpoint()
+    model = load_checkpoint(model_dir)
+    T = model.cfg.mean_recurrence
+    mixed = [T - 2, T, T + 2]
+    flags = (*SERVER_FLAGS, "--compile-depths", ",".join(map(str, mixed)))
+    long_prompt = [(i * 7919) % 4000 + 10 for i in range(900)]
+    with running_server(model_dir, *flags, timeout=1800) as server:
+        stream_tps(server.url, [T], 8)
+        one = [stream_tps(server.url, [T], 64) for _ in range(rounds)]
+        depths = [mixed[i % 3] for i in range(32)]
+        many = [stream_tps(server.url, depths, 48) for _ in range(rounds)]
+        short = [stream_tps(server.url, [T], 64, long_prompt[:64]) for _ in range(rounds)]
+        long = [stream_tps(server.url, [T], 64, long_prompt) for _ in range(rounds)]
+    one_tps = median_of(one, "tokens_per_s")
+    flops, wbytes = token_flops(model, T, 100), token_bytes(model, T)
+    ceiling_s = max(
+        flops / (machine["matmul_gflops_all"] * 1e9), wbytes / (machine["read_gbps_all"] * 1e9)
+    )
+    many_tps = median_of(many, "tokens_per_s")
+    mean_flops = statistics.mean(token_flops(model, d, 100) for d in depths)
+    return {
+        "depth": T,
+        "one_stream_tps": one_tps,
+        "one_stream_ceiling_tps": 1 / ceiling_s,
+        "one_stream_of_ceiling": one_tps / (1 / ceiling_s),
+        "streams32_tps": many_tps,
+        "streams32_gflops": many_tps * mean_flops / 1e9,
+        "streams32_of_matmul_rate": many_tps * mean_flops / 1e9 / machine["matmul_gflops_all"],
+        "tpot_ms_context64": median_of(short, "tpot_ms"),
+        "tpot_ms_context900": median_of(long, "tpot_ms"),
+        "speed_900_vs_64": median_of(short, "tpot_ms") / median_of(long, "tpot_ms"),
+    }
+
+
+def big_section(machine: dict, rounds: int, tmp: Path) -> dict:
+    cfg = ParcaeConfig(n_embd=768, num_attention_heads=12, vocab_size=32768, n_layers_in_prelude=2,
+                       n_layers_in_recurrent_block=2, n_layers_in_coda=2, mean_recurrence=8,
+                       block_size=1024)  # fmt: skip
+    model = random_model(cfg)
+    model_dir = tmp / "parcae-140m-shape"
+    save_checkpoint(model, model_dir)
+    (model_dir / "tokenizer.json").write_bytes(
+        (builtin_checkpoint() / "tokenizer.json").read_bytes()
+    )
+    with running_server(model_dir, *SERVER_FLAGS, timeout=1800) as server:
+        stream_tps(server.url, [8], 4)
+        runs = [stream_tps(server.url, [8], 32) for _ in range(rounds)]
+    tps = median_of(runs, "tokens_per_s")
+    gbps = tps * token_bytes(model, 8) / 1e9
+    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "one_stream_tps": tps,
+            "bytes_per_token_mb": token_bytes(model, 8) / 1e6, "achieved_gbps": gbps,
+            "of_bandwidth": gbps / machine["read_gbps_all"]}  # fmt: skip
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next(
+        (line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line), ""
+    )
+    return f"{name or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def render(r: dict) -> str:
+    m, ref, b, big = r["machine"], r["reference"], r["builtin"], r["big"]
+    rows = [
+        ("matmul fp32, 1 thread / all cores", f"{m['matmul_gflops_1']:.0f} / {m['matmul_gflops_all']:.0f} GFLOP/s"),
+        ("DRAM read, 1 thread / all cores", f"{m['read_gbps_1']:.1f} / {m['read_gbps_all']:.1f} GB/s"),
+        ("reference shape: research-style generate(), in-process", f"{ref['research_generate_tps']:.0f} tok/s"),
+        ("reference shape: one stream over HTTP, eager (`--compile off`)", f"{ref['http_eager_tps']:.0f} tok/s ({ref['eager_vs_research']:.2f}x)"),
+        ("reference shape: one stream over HTTP, compiled", f"**{ref['http_compiled_tps']:.0f} tok/s ({ref['compiled_vs_research']:.2f}x)**"),
+        (f"built-in, one stream, T={b['depth']}", f"{b['one_stream_tps']:.0f} tok/s = {b['one_stream_of_ceiling']:.0%} of its ceiling ({b['one_stream_ceiling_tps']:.0f} tok/s)"),
+        ("built-in, 32 streams, mixed depths", f"{b['streams32_tps']:.0f} tok/s = {b['streams32_gflops']:.1f} GFLOP/s = {b['streams32_of_matmul_rate']:.0%} of the matmul rate"),
+        ("built-in, TPOT at 64 / 900 tokens of context", f"{b['tpot_ms_context64']:.2f} / {b['tpot_ms_context900']:.2f} ms (speed ratio {b['speed_900_vs_64']:.2f})"),
+        (f"140m-shaped ({big['params_m']:.0f}M params), one stream, T=8", f"{big['one_stream_tps']:.1f} tok/s x {big['bytes_per_token_mb']:.0f} MB = {big['achieved_gbps']:.1f} GB/s = {big['of_bandwidth']:.0%} of DRAM bandwidth"),
+    ]  # fmt: skip
+    head = [
+        f"command: `{r['command']}`",
+        f"machine: {r['cpu']}",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
+    return "\n".join(head + [f"| {a} | {b} |" for a, b in rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/out/fast_engine.json")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    machine = {"matmul_gflops_1": matmul_gflops(1), "matmul_gflops_all": matmul_gflops(cores),
+               "read_gbps_1": read_gbps(1), "read_gbps_all": read_gbps(cores)}  # fmt: skip
+    tmp = Path(tempfile.mkdtemp())
+    report = {"command": " ".join(sys.argv), "cpu": cpu_name(), "machine": machine}
+    report["reference"] = reference_section(reference_checkpoint(tmp), args.rounds)
+    report["builtin"] = builtin_section(machine, args.rounds)
+    report["big"] = big_section(machine, args.rounds, tmp)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The compiled decode path: one decode token of a batch of sequences (prelude, all T loops,
+coda) as one graph.
+
+On the CPU the graph is compiled by `torch.compile` (inductor): the ~25 small kernels of each
+block fuse into a few, and Python runs once per token instead of once per op. On CUDA it is also
+captured as CUDA graphs per batch bucket (`mode="reduce-overhead"`), as vLLM and gpt-fast do.
+
+The graph only *reads* the KV cache: each layer attends to the past positions' K/V straight
+from the paged pools through per-row pool indices (no per-sequence copy: the index is folded
+into the attention reductions) plus the token's own fresh K/V, and returns the new K/V, which
+`write_kv` scatters into the pools after the graph. A token's loops never read their own token's
+earlier loops from the cache, so reading before writing is exact.
+
+Depth and loop-slot mapping are static in a graph (the loops are unrolled), so there is one
+graph per (depth, slots) pair; batch size and context length are dynamic. Rows that need
+anything else (prefill chunks, exit rules) take the eager runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx.experimental._config
+from torch import Tensor
+
+from parcae_serve.model.parcae import Parcae
+from parcae_serve.server.engine.kv_cache import KVCache
+
+# Compiler settings for this process (they are global in torch). Graphs are specialised per
+# depth, and a server may warm up a few dozen depths.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+# Batch and context sizes must stay symbolic even when they happen to equal a model dimension
+# (duck sizing would tie a context of 16 positions to a head size of 16, and recompile later).
+torch.fx.experimental._config.use_duck_shape = False
+
+
+@dataclass
+class DecodeBatch:
+    """Inputs of one decode graph call: B sequences, one token each, same (depth, slots).
+
+    ids, positions: (B, 1) long; h0: (B, 1, d_rec) initial states; lengths: (B,) past positions
+    (= positions); outer_rows: (B, L) pool rows of the past positions in the outer pool;
+    rec_rows: (S, B, L) the same in the recurrent pool, per loop slot; slots: (T,) the slot of
+    each loop. Rows at or past a sequence's length are padding (masked).
+    """
+
+    ids: Tensor
+    positions: Tensor
+    h0: Tensor
+    lengths: Tensor
+    outer_rows: Tensor
+    rec_rows: Tensor
+    slots: Tensor
+
+
+@dataclass
+class DecodeResult:
+    """logits: (B, V) fp32; h: (B, d_rec) final states; outer_kv: ((P+C), B, Hkv, hd) K and V;
+    rec_kv: (T, R, B, Hkv_rec, hd_rec) K and V of every loop."""
+
+    logits: Tensor
+    h: Tensor
+    outer_k: Tensor
+    outer_v: Tensor
+    rec_k: Tensor
+    rec_v: Tensor
+
+
+class PoolReadAttention:
+    """AttentionContext for single-token rows: past K/V read in place from the pools, own K/V
+    from the call; the new K/V are recorded, not written."""
+
+    def __init__(
+        self, pools: tuple[Tensor, Tensor, Tensor, Tensor], batch: DecodeBatch, n_prelude: int
+    ) -> None:
+        self.outer_k, self.outer_v, self.rec_k, self.rec_v = pools
+        self.batch, self.n_prelude = batch, n_prelude
+        L = batch.outer_rows.shape[1]
+        keys = torch.arange(L, device=batch.lengths.device)
+        self.invalid = (keys[None, :] >= batch.lengths[:, None])[:, :, None, None]  # (B,L,1,1)
+        self.new: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _past(self, key: tuple) -> tuple[Tensor, Tensor, Tensor]:
+        if key[0] == "core_block":
+            i, loop = key[1], key[2]
+            # the slot is data, not a constant: one graph serves every policy at this depth
+            slot = self.batch.slots[loop : loop + 1]
+            return self.rec_k[i], self.rec_v[i], self.batch.rec_rows.index_select(0, slot)[0]
+        layer = key[1] if key[0] == "prelude" else self.n_prelude + key[1]
+        return self.outer_k[layer], self.outer_v[layer], self.batch.outer_rows
+
+    def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.new[key] = (k, v)
+        pool_k, pool_v, rows = self._past(key)
+        B, H, _, hd = q.shape
+        Hkv = k.shape[1]
+        g = H // Hkv
+        qf = q.float().view(B, Hkv, g, hd) * hd**-0.5
+        kp, vp = pool_k[rows].float(), pool_v[rows].float()  # (B, L, Hkv, hd), fused reads
+        s_past = (qf[:, None] * kp[:, :, :, None, :]).sum(-1)  # (B, L, Hkv, g)
+        s_past = s_past.masked_fill(self.invalid, float("-inf"))
+        s_self = (qf * k.float().view(B, Hkv, 1, hd)).sum(-1)  # (B, Hkv, g)
+        m = torch.maximum(s_past.amax(1), s_self)
+        p_past, p_self = torch.exp(s_past - m[:, None]), torch.exp(s_self - m)
+        denom = p_past.sum(1) + p_self
+        out = (p_past[..., None] * vp[:, :, :, None, :]).sum(1)
+        out = (out + p_self[..., None] * v.float().view(B, Hkv, 1, hd)) / denom[..., None]
+        return out.view(B, H, 1, hd).to(q.dtype)
+
+
+def decode_forward(
+    model: Parcae, depth: int, batch: DecodeBatch, pools: tuple[Tensor, Tensor, Tensor, Tensor]
+) -> DecodeResult:
+    """One token per row through prelude, `depth` loops and coda; reads pools, writes none."""
+    ctx = PoolReadAttention(pools, batch, model.cfg.n_layers_in_prelude)
+    rots = model.rotations(batch.positions)
+    e = model.prelude(batch.ids, rots, ctx)
+    prepared = model.transformer["adapter"].prepare(e)
+    h = batch.h0
+    for t in range(depth):
+        h = model.core(h, prepared, batch.ids, rots, ctx, t)
+    logits = model.coda(h, batch.ids, rots, ctx)[:, 0]
+    outer = [ctx.new[k] for k in ctx.new if k[0] != "core_block"]
+    R = model.cfg.n_layers_in_recurrent_block
+    rec = [[ctx.new[("core_block", i, t)] for i in range(R)] for t in range(depth)]
+    return DecodeResult(
+        logits,
+        h[:, 0],
+        torch.stack([k[:, :, 0] for k, _ in outer]),
+        torch.stack([v[:, :, 0] for _, v in outer]),
+        torch.stack([torch.stack([k[:, :, 0] for k, _ in loop]) for loop in rec]),
+        torch.stack([torch.stack([v[:, :, 0] for _, v in loop]) for loop in rec]),
+    )
+
+
+def write_kv(
+    cache: KVCache,
+    slots: tuple[int, ...],
+    out: DecodeResult,
+    outer_write: Tensor,
+    rec_write: Tensor,
+) -> None:
+    """Scatter a decode call's new K/V into the pools: every outer layer at `outer_write` (B,)
+    rows, and for each slot the K/V of the last loop mapped to it at `rec_write[slot]` (S, B)."""
+    n_outer, rows_o = cache.outer_k.shape[:2]
+    idx = (torch.arange(n_outer, device=outer_write.device)[:, None] * rows_o + outer_write).view(
+        -1
+    )
+    cache.outer_k.view(n_outer * rows_o, -1).index_copy_(
+        0, idx, out.outer_k.flatten(0, 1).flatten(1)
+    )
+    cache.outer_v.view(n_outer * rows_o, -1).index_copy_(
+        0, idx, out.outer_v.flatten(0, 1).flatten(1)
+    )
+    last = {s: t for t, s in enumerate(slots)}  # later loops overwrite earlier ones' slot
+    loops = torch.tensor(list(last.values()), device=rec_write.device)
+    rows = rec_write[torch.tensor(list(last), device=rec_write.device)]  # (S', B)
+    n_rec, rows_r = cache.rec_k.shape[:2]
+    idx = torch.arange(n_rec, device=rows.device)[None, :, None] * rows_r + rows[:, None, :]
+    k = out.rec_k.index_select(0, loops).flatten(0, 2).flatten(1)
+    v = out.rec_v.index_select(0, loops).flatten(0, 2).flatten(1)
+    cache.rec_k.view(n_rec * rows_r, -1).index_copy_(0, idx.view(-1), k)
+    cache.rec_v.view(n_rec * rows_r, -1).index_copy_(0, idx.view(-1), v)
+
+
+DecodeKey = tuple[int, tuple[int, ...]]  # (depth, loop -> slot): rows batched together
+
+
+def decode_key(depth: int, slot_of) -> DecodeKey:
+    return depth, tuple(slot_of(t) for t in range(depth))
+
+
+class CompiledDecoder:
+    """Compiled decode graphs, one per depth, warmed up before the server is ready.
+
+    mode "inductor": `torch.compile` with dynamic batch and context (CPU); "cudagraphs": also
+    CUDA graphs (`reduce-overhead`), with batch and context padded to buckets so a few captured
+    graphs serve every step; "eager": the same function uncompiled (tests, debugging). Depths not warmed up are not compiled while serving (a compile
+    takes tens of seconds): `ready` says which depths the engine may send here.
+    """
+
+    def __init__(self, model: Parcae, cache: KVCache, mode: str) -> None:
+        self.model, self.cache, self.mode = model, cache, mode
+        self.ready: set[int] = set()
+        model.requires_grad_(False)  # serving only: no autograd bookkeeping around the graph
+        if mode == "cudagraphs":
+            self._fn = torch.compile(
+                decode_forward, fullgraph=True, mode="reduce-overhead", dynamic=False
+            )
+        elif mode == "inductor":
+            self._fn = torch.compile(
+                decode_forward, fullgraph=True, dynamic=True, options=COMPILE_OPTIONS
+            )
+        elif mode == "eager":
+            self._fn = decode_forward
+        else:
+            raise ValueError(f"unknown compile mode {mode!r}: off, eager, inductor or cudagraphs")
+
+    @property
+    def pools(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        c = self.cache
+        return c.outer_k, c.outer_v, c.rec_k, c.rec_v
+
+    def __call__(self, depth: int, batch: DecodeBatch) -> DecodeResult:
+        B, L = batch.outer_rows.shape
+        S = max(len(batch.rec_rows), 2)  # a compiler specialises size 1: pad rows and slots
+        if self.mode == "cudagraphs":
+            padded = pad_batch(batch, bucket(B, BATCH_BUCKETS), bucket(L), S)
+        else:
+            padded = pad_batch(batch, max(B, 2), L, S)
+        out = self._fn(self.model, depth, padded, self.pools)
+        if padded is batch:
+            return out
+        kv = (t[..., :B, :, :] for t in (out.outer_k, out.outer_v, out.rec_k, out.rec_v))
+        out = DecodeResult(out.logits[:B], out.h[:B], *kv)  # K/V: batch is the third-last axis
+        if self.mode == "cudagraphs":  # the next replay reuses the output memory
+            out = DecodeResult(*(t.clone() for t in vars(out).values()))
+        return out
+
+    def warm(self, depth: int) -> None:
+        """Compile `depth` by running it on two dummy rows that attend to nothing (every past
+        position masked)."""
+        device, dtype = self.cache.outer_k.device, self.cache.outer_k.dtype
+        L = self.cache.block_size
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(*shape, dtype=torch.long, device=device)
+
+        with torch.inference_mode():  # as when serving: inference tensors guard differently
+            h0 = torch.zeros(2, 1, self.model.cfg.d_rec, dtype=dtype, device=device)
+            batch = DecodeBatch(
+                zeros(2, 1), zeros(2, 1), h0, zeros(2), zeros(2, L), zeros(2, 2, L), zeros(depth)
+            )
+            self(depth, batch)
+        self.ready.add(depth)
+
+
+def keep_model_identity_guards(entries: list) -> list[bool]:
+    """Dynamo guards every parameter of the model by default (~100 tensor checks, ~0.2 ms per
+    call). The weights do not change while serving, so those guards go; the guard on which
+    model object it is stays, because a frozen graph has that model's weights inside."""
+    keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    return [k or e.name == "L['model']" for e, k in zip(entries, keep, strict=True)]
+
+
+COMPILE_OPTIONS = {
+    "guard_filter_fn": keep_model_identity_guards,
+    "freezing": True,  # weights become constants: derived weights (fused QKV, decay) fold away
+    "cpp.weight_prepack": False,  # measured: MKL's packed GEMM costs more than plain mm at M<=32
+}
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket(n: int, sizes: tuple[int, ...] = ()) -> int:
+    """The smallest bucket >= n: from `sizes`, else the next multiple of 256."""
+    return next((s for s in sizes if s >= n), -(-n // 256) * 256)
+
+
+def pad_batch(batch: DecodeBatch, B: int, L: int, S: int) -> DecodeBatch:
+    """Pad to B rows, L context columns, S slots: extra rows attend to nothing, extra columns
+    are past every length, extra slots are never read."""
+    if batch.rec_rows.shape == (S, B, L):
+        return batch
+
+    def pad(t: Tensor, dim: int, size: int) -> Tensor:
+        shape = list(t.shape)
+        shape[dim] = size - t.shape[dim]
+        return t if shape[dim] == 0 else torch.cat([t, t.new_zeros(shape)], dim)
+
+    return DecodeBatch(
+        pad(batch.ids, 0, B),
+        pad(batch.positions, 0, B),
+        pad(batch.h0, 0, B),
+        pad(batch.lengths, 0, B),
+        pad(pad(batch.outer_rows, 0, B), 1, L),
+        pad(pad(pad(batch.rec_rows, 0, S), 1, B), 2, L),
+        batch.slots,
+    )
