@@ -45,6 +45,7 @@ from tests.conftest import running_server  # noqa: E402
 from tests.helpers import random_model  # noqa: E402
 
 SERVER_FLAGS = ("--kv-cache-bytes", str(512 * 2**20), "--max-batch", "64")
+COMPILED = (*SERVER_FLAGS, "--compile", "auto")  # the test helper defaults to --compile off
 
 
 # The machine ---------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def builtin_section(machine: dict, rounds: int) -> dict:
     model = load_checkpoint(model_dir)
     T = model.cfg.mean_recurrence
     mixed = [T - 2, T, T + 2]
-    flags = (*SERVER_FLAGS, "--compile-depths", ",".join(map(str, mixed)))
+    flags = (*COMPILED, "--compile-depths", ",".join(map(str, mixed)))
     long_prompt = [(i * 7919) % 4000 + 10 for i in range(900)]
     with running_server(model_dir, *flags, timeout=1800) as server:
         stream_tps(server.url, [T], 8)
@@ -217,7 +218,7 @@ def big_section(machine: dict, rounds: int, tmp: Path) -> dict:
     (model_dir / "tokenizer.json").write_bytes(
         (builtin_checkpoint() / "tokenizer.json").read_bytes()
     )
-    with running_server(model_dir, *SERVER_FLAGS, timeout=1800) as server:
+    with running_server(model_dir, *COMPILED, timeout=1800) as server:
         stream_tps(server.url, [8], 4)
         runs = [stream_tps(server.url, [8], 32) for _ in range(rounds)]
     tps = median_of(runs, "tokens_per_s")

@@ -3,7 +3,8 @@ coda) as one graph.
 
 On the CPU the graph is compiled by `torch.compile` (inductor): the ~25 small kernels of each
 block fuse into a few, and Python runs once per token instead of once per op. On CUDA it is also
-captured as CUDA graphs per batch bucket (`mode="reduce-overhead"`), as vLLM and gpt-fast do.
+captured as CUDA graphs per padded batch bucket (inductor's `triton.cudagraphs`, what
+`mode="reduce-overhead"` turns on), as vLLM and gpt-fast do.
 
 The graph only *reads* the KV cache: each layer attends to the past positions' K/V straight
 from the paged pools through per-row pool indices (no per-sequence copy: the index is folded
@@ -175,8 +176,8 @@ class CompiledDecoder:
     """Compiled decode graphs, one per depth, warmed up before the server is ready.
 
     mode "inductor": `torch.compile` with dynamic batch and context (CPU); "cudagraphs": also
-    CUDA graphs (`reduce-overhead`), with batch and context padded to buckets so a few captured
-    graphs serve every step; "eager": the same function uncompiled (tests, debugging). Depths not warmed up are not compiled while serving (a compile
+    CUDA graphs, with batch and context padded to buckets so a few recorded graphs serve every
+    step; "eager": the same function uncompiled (tests, debugging). Depths not warmed up are not compiled while serving (a compile
     takes tens of seconds): `ready` says which depths the engine may send here.
     """
 
@@ -184,14 +185,14 @@ class CompiledDecoder:
         self.model, self.cache, self.mode = model, cache, mode
         self.ready: set[int] = set()
         model.requires_grad_(False)  # serving only: no autograd bookkeeping around the graph
-        if mode == "cudagraphs":
-            self._fn = torch.compile(
-                decode_forward, fullgraph=True, mode="reduce-overhead", dynamic=False
-            )
-        elif mode == "inductor":
-            self._fn = torch.compile(
-                decode_forward, fullgraph=True, dynamic=True, options=COMPILE_OPTIONS
-            )
+        if mode in ("inductor", "cudagraphs"):
+            # CUDA graphs are recorded per padded shape; the pools keep their address, so the
+            # graphs read them in place instead of copying them into static buffers
+            options = {**COMPILE_OPTIONS, "triton.cudagraphs": mode == "cudagraphs"}
+            if mode == "cudagraphs":
+                for pool in self.pools:
+                    torch._dynamo.mark_static_address(pool)
+            self._fn = torch.compile(decode_forward, fullgraph=True, dynamic=True, options=options)
         elif mode == "eager":
             self._fn = decode_forward
         else:
@@ -210,10 +211,9 @@ class CompiledDecoder:
         else:
             padded = pad_batch(batch, max(B, 2), L, S)
         out = self._fn(self.model, depth, padded, self.pools)
-        if padded is batch:
-            return out
-        kv = (t[..., :B, :, :] for t in (out.outer_k, out.outer_v, out.rec_k, out.rec_v))
-        out = DecodeResult(out.logits[:B], out.h[:B], *kv)  # K/V: batch is the third-last axis
+        if padded is not batch:
+            kv = (t[..., :B, :, :] for t in (out.outer_k, out.outer_v, out.rec_k, out.rec_v))
+            out = DecodeResult(out.logits[:B], out.h[:B], *kv)  # K/V: batch is the third-last axis
         if self.mode == "cudagraphs":  # the next replay reuses the output memory
             out = DecodeResult(*(t.clone() for t in vars(out).values()))
         return out
