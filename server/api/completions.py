@@ -141,12 +141,7 @@ class CompletionService:
         vocab = self.limits.vocab_size
         if any(not 0 <= t < vocab for t in req.stop_token_ids or []):
             raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
-        prompts = self._prompt_list(req.prompt)
-        if len(prompts) * req.n > self.limits.max_sequences:
-            raise APIError(400, f"this request needs {len(prompts) * req.n} sequences (prompts x "
-                           f"n); the server holds at most {self.limits.max_sequences} at once "
-                           "(--max-batch + --max-queue)",
-                           param="n" if req.n > 1 else "prompt")  # fmt: skip
+        prompts = self._prompt_list(req.prompt, req.n)
         seed = random.randrange(2**62) if req.seed == -1 else req.seed
         choices = []
         for p_idx, (text, ids) in enumerate(await self._tokenize(prompts, req.add_special_tokens)):
@@ -198,12 +193,17 @@ class CompletionService:
             raise APIError(400, message, param="kv_policy")
         return policy
 
-    def _prompt_list(self, prompt) -> list[str | list[int]]:
-        """The prompts, checked for what is visible without tokenising."""
+    def _prompt_list(self, prompt, n: int) -> list[str | list[int]]:
+        """The prompts, checked for what is visible without tokenising, count first."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
+        if len(prompt) * n > self.limits.max_sequences:
+            raise APIError(400, f"this request needs {len(prompt) * n} sequences (prompts x "
+                           f"n); the server holds at most {self.limits.max_sequences} at once "
+                           "(--max-batch + --max-queue)",
+                           param="n" if n > 1 else "prompt")  # fmt: skip
         for p in prompt:
             if isinstance(p, str):
                 if len(p) > self.limits.max_prompt_chars:

@@ -3,6 +3,7 @@ logprob names a client sees (streaming detokenisation, stop strings, unique toke
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from typing import Any
@@ -39,7 +40,13 @@ def parse_client_json(body: bytes) -> Any:
     """A request body as JSON, whatever bytes it holds: invalid UTF-8 (e.g. CESU-8 surrogates)
     and lone surrogates become U+FFFD; NaN and Infinity, which JSON lacks, are a decode error."""
     text = body.decode("utf-8", "replace")
-    value = json.loads(text, parse_constant=_no_constant)
+    collecting = gc.isenabled()
+    gc.disable()  # a body of many small lists would trigger a collection every 700 of them
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    finally:
+        if collecting:
+            gc.enable()
     return _clean(value) if _SURROGATE_ESCAPE.search(text) else value  # only escapes make them
 
 

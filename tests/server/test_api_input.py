@@ -178,7 +178,7 @@ def test_prompt_over_the_context_is_refused_before_tokenising(server) -> None:
     streamer.start()
     time.sleep(0.3)
     bodies = [json.dumps({"prompt": p}).encode()  # ~5 MB each
-              for p in ("def f():\n    pass\n" * 300_000, [[7] * 600_000])]  # fmt: skip
+              for p in ("def f():\n    pass\n" * 300_000, [7] * 600_000, [[7] * 600_000])]  # fmt: skip
     with watching(server.url, server.proc.pid) as seen:
         for body in bodies:
             start = time.perf_counter()
