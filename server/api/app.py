@@ -95,6 +95,10 @@ def build(state: ServerState) -> None:
     if engine_cfg.compile != "off":
         log.info("compiled decode (%s) for depths %s in %.0f s", engine_cfg.compile, depths,
                  time.monotonic() - started)  # fmt: skip
+        if device == "cpu" and s.threads is None and default_depth in depths:
+            cores = os.cpu_count() or 1
+            threads = engine.fastest_threads(default_depth, [max(1, cores - 1), cores])
+            log.info("kernel threads: %d (the faster of cores - 1 and cores, measured)", threads)
     engine.start()
     warm = EngineRequest([tokenizer.bos_id or 0, 1], SamplingParams(max_tokens=2), LoopParams(2))
     engine.generate_sync(warm)

@@ -7,6 +7,10 @@ import logging
 import os
 import signal
 
+# Before torch loads OpenMP: idle kernel threads sleep instead of spinning, so two threads on a
+# machine where another process holds a core slow down instead of collapsing (measured 15x).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import uvicorn
 
 from parcae_serve.server.api.app import create_app

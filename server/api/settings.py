@@ -46,7 +46,10 @@ class ServerSettings(BaseSettings):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads for the model's kernels (default: cores - 1, one left for HTTP)",
+        description="CPU threads for the model's kernels (default: whichever of cores - 1 and "
+        "cores runs the compiled decode step faster, measured at start-up; cores - 1 without "
+        "--compile). Threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set), so an "
+        "oversubscribed machine slows down instead of collapsing",
     )
     compile: Literal["auto", "off", "inductor", "cudagraphs", "eager"] = Field(
         "auto",

@@ -19,6 +19,7 @@ anything else (prefill chunks, exit rules) take the eager runner.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -219,21 +220,33 @@ class CompiledDecoder:
         return out
 
     def warm(self, depth: int) -> None:
-        """Compile `depth` by running it on two dummy rows that attend to nothing (every past
-        position masked)."""
+        """Compile `depth` by running it on dummy rows."""
+        with torch.inference_mode():  # as when serving: inference tensors guard differently
+            self(depth, self._dummy(depth))
+        self.ready.add(depth)
+
+    def seconds_per_step(self, depth: int, reps: int = 5) -> float:
+        """Time of one (warmed) call on dummy rows: what kernel settings are compared by."""
+        with torch.inference_mode():
+            batch = self._dummy(depth)
+            self(depth, batch)
+            start = time.perf_counter()
+            for _ in range(reps):
+                self(depth, batch)
+        return (time.perf_counter() - start) / reps
+
+    def _dummy(self, depth: int) -> DecodeBatch:
+        """Two rows that attend to nothing (every past position masked)."""
         device, dtype = self.cache.outer_k.device, self.cache.outer_k.dtype
         L = self.cache.block_size
 
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=torch.long, device=device)
 
-        with torch.inference_mode():  # as when serving: inference tensors guard differently
-            h0 = torch.zeros(2, 1, self.model.cfg.d_rec, dtype=dtype, device=device)
-            batch = DecodeBatch(
-                zeros(2, 1), zeros(2, 1), h0, zeros(2), zeros(2, L), zeros(2, 2, L), zeros(depth)
-            )
-            self(depth, batch)
-        self.ready.add(depth)
+        h0 = torch.zeros(2, 1, self.model.cfg.d_rec, dtype=dtype, device=device)
+        return DecodeBatch(
+            zeros(2, 1), zeros(2, 1), h0, zeros(2), zeros(2, L), zeros(2, 2, L), zeros(depth)
+        )
 
 
 def keep_model_identity_guards(entries: list) -> list[bool]:

@@ -120,3 +120,14 @@ def test_server_warms_its_decode_graphs_before_it_is_ready(tiny_model_dir) -> No
     assert fast_text == text and none == 0 and some >= 10
     want, got = logprobs["token_logprobs"], fast_logprobs["token_logprobs"]
     assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
+
+
+def test_kernel_threads_are_set_to_the_faster_measured_choice() -> None:
+    eng = engine("per-loop", "eager", [3])
+    before = torch.get_num_threads()
+    try:
+        choice = eng.fastest_threads(3, [1, 2])
+        assert choice in (1, 2) and torch.get_num_threads() == choice
+    finally:
+        torch.set_num_threads(before)
+        eng.stop()
