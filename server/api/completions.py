@@ -109,6 +109,20 @@ class Choice:
         return len(self.prompt_text) if self.echo else 0
 
 
+def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias: keys are token ids (as JSON strings), values in [-100, 100]."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}",
+                           param="logit_bias")  # fmt: skip
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {value}",
+                           param="logit_bias")  # fmt: skip
+        out[int(key)] = float(value)
+    return out
+
+
 class CompletionService:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServingLimits) -> None:
         self.engine, self.tokenizer, self.limits = engine, tokenizer, limits
@@ -141,6 +155,7 @@ class CompletionService:
         vocab = self.limits.vocab_size
         if any(not 0 <= t < vocab for t in req.stop_token_ids or []):
             raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        bias = logit_bias(req.logit_bias, vocab)
         prompts = self._prompt_list(req.prompt, req.n)
         seed = random.randrange(2**62) if req.seed == -1 else req.seed
         choices = []
@@ -154,6 +169,7 @@ class CompletionService:
             max_tokens = budget if req.max_tokens is None else min(req.max_tokens, budget)
             for i in range(req.n):
                 sampling = self._sampling(req, max_tokens, None if seed is None else seed + i)
+                sampling.logit_bias = bias
                 choice = Choice(p_idx * req.n + i, EngineRequest(ids, sampling, loops), text, ids,
                                 req.echo, stops, req.logprobs, req.return_tokens_as_token_ids)  # fmt: skip
                 choices.append(choice)

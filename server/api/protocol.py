@@ -38,7 +38,6 @@ class StreamOptions(BaseModel):
 REFUSED_FIELDS: dict[str, tuple] = {
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0),
@@ -95,6 +94,9 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-1, le=2**62, description="-1: random")
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="token id (as a string) -> bias in [-100, 100] added to its logit"
+    )
     user: str | None = None
     # vLLM's sampling extensions
     top_k: int = Field(default=-1, ge=-1)

@@ -24,6 +24,7 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per sampled token
     prompt_logprobs: int | None = None  # score the prompt (echo)
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     @property
     def greedy(self) -> bool:
@@ -87,10 +88,13 @@ def filter_logits(logits: Tensor, p: SamplingParams) -> Tensor:
 
 def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
     """Sample one token per row. Logprobs are those of the model's distribution (before
-    temperature and filters), as OpenAI and vLLM report them."""
+    logit_bias, temperature and filters), as OpenAI and vLLM report them."""
     logits = logits.float().cpu()  # per-request CPU generators; one small copy per step
     logprobs = torch.log_softmax(logits, -1)
-    greedy = all(r.params.greedy and not r.params.penalised and not r.banned for r in rows)
+    greedy = all(
+        r.params.greedy and not r.params.penalised and not r.banned and not r.params.logit_bias
+        for r in rows
+    )
     if greedy:
         tokens = logits.argmax(-1).tolist()
     else:
@@ -109,6 +113,9 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
 
 
 def _sample_row(logits: Tensor, row: SampleRow) -> int:
+    if row.params.logit_bias:  # OpenAI's logit_bias: added before everything else
+        ids = torch.tensor(list(row.params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(row.params.logit_bias.values()), dtype=logits.dtype)
     if row.banned:
         logits[row.banned] = float("-inf")
     logits = apply_penalties(logits, row)

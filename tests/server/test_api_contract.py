@@ -206,7 +206,6 @@ def test_echo_stream_sends_the_prompt_once(builtin_server: str) -> None:
 REFUSED = [
     ("suffix", "\n# end"),
     ("best_of", 2),
-    ("logit_bias", {"50256": -100}),
     ("response_format", {"type": "json_object"}),
     ("use_beam_search", True),
     ("guided_json", {"type": "object"}),
