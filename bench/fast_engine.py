@@ -152,7 +152,7 @@ def reference_section(model_dir: Path, rounds: int) -> dict:
     model = load_checkpoint(model_dir)
     research = []
     with (
-        running_server(model_dir, *SERVER_FLAGS, timeout=900) as fast,
+        running_server(model_dir, *COMPILED, timeout=900) as fast,
         running_server(model_dir, *SERVER_FLAGS, "--compile", "off") as eager,
     ):
         for url in (fast.url, eager.url):

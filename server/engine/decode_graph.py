@@ -12,9 +12,10 @@ into the attention reductions) plus the token's own fresh K/V, and returns the n
 `write_kv` scatters into the pools after the graph. A token's loops never read their own token's
 earlier loops from the cache, so reading before writing is exact.
 
-Depth and loop-slot mapping are static in a graph (the loops are unrolled), so there is one
-graph per (depth, slots) pair; batch size and context length are dynamic. Rows that need
-anything else (prefill chunks, exit rules) take the eager runner.
+The depth is static in a graph (the loops are unrolled), so there is one graph per depth; the
+loop -> cache-slot mapping is an input, so that graph serves every KV policy; batch size and
+context length are dynamic. Rows that need anything else (prefill chunks, exit rules, depths
+not compiled) take the eager runner.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ torch.fx.experimental._config.use_duck_shape = False
 
 @dataclass
 class DecodeBatch:
-    """Inputs of one decode graph call: B sequences, one token each, same (depth, slots).
+    """Inputs of one decode graph call: B sequences, one token each, same depth and slots.
 
     ids, positions: (B, 1) long; h0: (B, 1, d_rec) initial states; lengths: (B,) past positions
     (= positions); outer_rows: (B, L) pool rows of the past positions in the outer pool;
@@ -146,24 +147,24 @@ def write_kv(
     """Scatter a decode call's new K/V into the pools: every outer layer at `outer_write` (B,)
     rows, and for each slot the K/V of the last loop mapped to it at `rec_write[slot]` (S, B)."""
     n_outer, rows_o = cache.outer_k.shape[:2]
-    idx = (torch.arange(n_outer, device=outer_write.device)[:, None] * rows_o + outer_write).view(
-        -1
-    )
-    cache.outer_k.view(n_outer * rows_o, -1).index_copy_(
-        0, idx, out.outer_k.flatten(0, 1).flatten(1)
-    )
-    cache.outer_v.view(n_outer * rows_o, -1).index_copy_(
-        0, idx, out.outer_v.flatten(0, 1).flatten(1)
-    )
+    layers = torch.arange(n_outer, device=outer_write.device)
+    idx = layers[:, None] * rows_o + outer_write  # (P+C, B) rows of the flattened pool
+    scatter_rows(cache.outer_k, idx, out.outer_k)
+    scatter_rows(cache.outer_v, idx, out.outer_v)
     last = {s: t for t, s in enumerate(slots)}  # later loops overwrite earlier ones' slot
     loops = torch.tensor(list(last.values()), device=rec_write.device)
     rows = rec_write[torch.tensor(list(last), device=rec_write.device)]  # (S', B)
     n_rec, rows_r = cache.rec_k.shape[:2]
     idx = torch.arange(n_rec, device=rows.device)[None, :, None] * rows_r + rows[:, None, :]
-    k = out.rec_k.index_select(0, loops).flatten(0, 2).flatten(1)
-    v = out.rec_v.index_select(0, loops).flatten(0, 2).flatten(1)
-    cache.rec_k.view(n_rec * rows_r, -1).index_copy_(0, idx.view(-1), k)
-    cache.rec_v.view(n_rec * rows_r, -1).index_copy_(0, idx.view(-1), v)
+    scatter_rows(cache.rec_k, idx, out.rec_k.index_select(0, loops))
+    scatter_rows(cache.rec_v, idx, out.rec_v.index_select(0, loops))
+
+
+def scatter_rows(pool: Tensor, idx: Tensor, values: Tensor) -> None:
+    """pool (layers, rows, heads, hd) seen as one (layers*rows) table: write `values`
+    (..., heads, hd) at the flat row numbers `idx` (same leading shape) in one index_copy_."""
+    flat = pool.view(-1, pool.shape[-2] * pool.shape[-1])
+    flat.index_copy_(0, idx.reshape(-1), values.reshape(idx.numel(), -1))
 
 
 DecodeKey = tuple[int, tuple[int, ...]]  # (depth, loop -> slot): rows batched together
