@@ -1,3 +1,7 @@
+import queue
+import time
+from collections.abc import Callable
+
 import torch
 
 from parcae_serve.model.config import ParcaeConfig
@@ -95,3 +99,28 @@ def tiny_checkpoint(directory, cfg: ParcaeConfig | None = None, seed: int = 0):
     )  # fmt: skip
     save_checkpoint(random_model(cfg, seed), directory)
     return directory
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> bool:
+    """Poll `predicate` every 50 ms until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def outputs_together(engine, requests: list, timeout: float = 120) -> list[list]:
+    """Submit every request to a running engine at once (so they share steps), then collect
+    each one's StepOutputs up to its finish."""
+    queues = [queue.SimpleQueue() for _ in requests]
+    for request, q in zip(requests, queues, strict=True):
+        engine.submit(request, q.put)
+    results = []
+    for q in queues:
+        outs = [q.get(timeout=timeout)]
+        while outs[-1].finish_reason is None:
+            outs.append(q.get(timeout=timeout))
+        results.append(outs)
+    return results

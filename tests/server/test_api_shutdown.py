@@ -11,6 +11,7 @@ import time
 import httpx
 
 from tests.conftest import running_server
+from tests.helpers import wait_for
 
 LONG = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "recurrence_depth": 64}
 
@@ -19,15 +20,6 @@ def running(url: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     return float(next(line.split()[1] for line in text.splitlines()
                       if line.startswith("parcae_requests_running ")))  # fmt: skip
-
-
-def wait_for(predicate, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_drain_grace_ends_running_requests_and_exits_zero(tiny_model_dir) -> None:
@@ -47,7 +39,7 @@ def test_drain_grace_ends_running_requests_and_exits_zero(tiny_model_dir) -> Non
         workers.append(threading.Thread(target=whole))
         for w in workers:
             w.start()
-        assert wait_for(lambda: running(url) == 3)
+        assert wait_for(lambda: running(url) == 3, timeout=20)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=2 + 2) == 0
@@ -84,9 +76,9 @@ def test_second_sigterm_exits_at_once(tiny_model_dir) -> None:
 
         worker = threading.Thread(target=stream)
         worker.start()
-        assert wait_for(lambda: running(server.url) == 1)
+        assert wait_for(lambda: running(server.url) == 1, timeout=20)
         server.proc.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: httpx.get(f"{server.url}/health").status_code == 503)
+        assert wait_for(lambda: httpx.get(f"{server.url}/health").status_code == 503, timeout=20)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=2) != 0

@@ -3,7 +3,6 @@ runner: same tokens, same logprobs, same cache contents, for every policy and de
 
 from __future__ import annotations
 
-import queue
 import re
 
 import httpx
@@ -16,7 +15,7 @@ from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit
 from tests.conftest import running_server
-from tests.helpers import random_model
+from tests.helpers import outputs_together, random_model
 
 CFG = ParcaeConfig(
     n_embd=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
@@ -35,15 +34,9 @@ def engine(policy: str, mode: str, depths: list[int]) -> Engine:
 
 
 def run_all(eng: Engine, requests: list[EngineRequest]) -> list[tuple[list[int], list[float]]]:
-    """Submit every request at once (one batch), then collect tokens and logprobs."""
-    queues = [queue.SimpleQueue() for _ in requests]
-    for r, q in zip(requests, queues, strict=True):
-        eng.submit(r, q.put)
+    """Every request in one batch; each one's generated tokens and their logprobs."""
     results = []
-    for q in queues:
-        outs = [q.get(timeout=60)]
-        while outs[-1].finish_reason is None:
-            outs.append(q.get(timeout=60))
+    for outs in outputs_together(eng, requests, timeout=60):
         got = [o for o in outs if o.token is not None]
         results.append(([o.token for o in got], [o.logprob for o in got]))
     return results
