@@ -23,6 +23,7 @@ from parcae_serve.server.api.settings import ServerSettings, default_kv_bytes
 from parcae_serve.server.api.state import ServerState
 from parcae_serve.server.api.text import longest_token_chars
 from parcae_serve.server.engine.engine import Engine, EngineConfig
+from parcae_serve.server.engine.kv_cache import LoopSlotPolicy, choose_policy
 from parcae_serve.server.engine.metrics import Metrics
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
@@ -61,6 +62,16 @@ def depth_table(model_dir: Path) -> dict | None:
     return None
 
 
+def kv_policy(settings: ServerSettings, model_dir: Path, default_depth: int):
+    """The KV policy in force and why: as set, or (auto) what the checkpoint's calibration
+    measured within the NLL bound (per-loop when nothing was measured)."""
+    if settings.kv_policy != "auto":
+        return LoopSlotPolicy.parse(settings.kv_policy), "set by --kv-policy"
+    path = model_dir / "calibration.json"
+    calibration = json.loads(path.read_text()) if path.exists() else None
+    return choose_policy(calibration, settings.kv_max_nll_cost, default_depth)
+
+
 def compile_mode(setting: str, device: str) -> str:
     """The compiled decode path for `--compile`: auto = CUDA graphs on CUDA, inductor on CPU."""
     if setting != "auto":
@@ -79,16 +90,18 @@ def build(state: ServerState) -> None:
     model: Parcae = load_checkpoint(model_dir, device=device, dtype=dtype)
     cfg = model.cfg
     max_context = min(s.max_context or cfg.block_size, cfg.block_size)
+    default_depth = min(cfg.mean_recurrence, s.max_depth)
+    policy, policy_reason = kv_policy(s, model_dir, default_depth)
+    log.info("kv policy %s: %s", policy, policy_reason)
     engine_cfg = EngineConfig(
         scheduler=SchedulerConfig(s.max_batch, s.max_queue, s.prefill_chunk, max_context),
-        kv_policy=s.kv_policy,
+        kv_policy=policy,
         kv_cache_bytes=s.kv_cache_bytes or default_kv_bytes(device),
         block_size=s.block_size,
         eos_id=tokenizer.eos_id,
         compile=compile_mode(s.compile, device),
     )
     engine = Engine(model, engine_cfg, state.metrics)
-    default_depth = min(cfg.mean_recurrence, s.max_depth)
     depths = [int(d) for d in s.compile_depths.split(",")] if s.compile_depths else [default_depth]
     started = time.monotonic()
     engine.compile_decode([d for d in depths if d <= s.max_depth])
@@ -111,11 +124,16 @@ def build(state: ServerState) -> None:
         max_sequences=s.max_batch + s.max_queue,
         max_prompt_chars=max_context * longest_token_chars(tokenizer),
     )
-    state.model_card = {"dir": str(model_dir), "depth_table": depth_table(model_dir)}
+    # published in /v1/models beside kv_policy: why it is in force (and up to which depth)
+    card: dict = {"kv_policy_reason": policy_reason}
+    if policy.upto:
+        card["kv_policy_max_depth"] = policy.upto
+    card.update(depth_table(model_dir) or {})
+    state.model_card = {"dir": str(model_dir), "depth_table": card}
     state.engine, state.tokenizer = engine, tokenizer
     state.service = CompletionService(engine, tokenizer, limits)
     state.ready = True
-    log.info("serving %s on %s (%s), kv policy %s", limits.model_name, device, dtype, s.kv_policy)
+    log.info("serving %s on %s (%s), kv policy %s", limits.model_name, device, dtype, policy)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:

@@ -36,8 +36,17 @@ class ServerSettings(BaseSettings):
     max_context: int | None = Field(None, ge=2, description="context limit (default: the model's)")
     max_depth: int = Field(64, ge=1, description="largest recurrence_depth a request may ask for")
     kv_policy: str = Field(
-        "first:2",  # measured: +0.2% NLL at mean depth, memory independent of T (bench/RESULTS.md)
-        description="loop-slot policy of the KV cache: per-loop | shared:K | first:K | last:K",
+        "auto",
+        description="loop-slot policy of the KV cache: auto | per-loop | shared:K | first:K | "
+        "last:K. auto: the policy the checkpoint's calibration.json measured with the fewest "
+        "bytes per token within --kv-max-nll-cost (lossy only up to the deepest depth measured "
+        "within it), else per-loop (exact)",
+    )
+    kv_max_nll_cost: float = Field(
+        0.005,
+        ge=0,
+        description="largest held-out NLL cost (0.005 = 0.5%%) of a lossy KV policy that "
+        "--kv-policy auto accepts",
     )
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="KV-cache pool size (default: a share of free memory)"
@@ -86,7 +95,8 @@ class ServerSettings(BaseSettings):
     @field_validator("kv_policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        LoopSlotPolicy.parse(value)  # raises ValueError with the accepted forms
+        if value != "auto":
+            LoopSlotPolicy.parse(value)  # raises ValueError with the accepted forms
         return value
 
 

@@ -5,7 +5,10 @@
 Fixed T = 1 ... 4*mu_rec and a sweep of `kl` / `residual` exit thresholds, each measured by
 teacher-forced decode through the serving path (`parcae_serve.server.calibration.evaluation`). Fits the paper's
 L(T) = L_inf + Z exp(-z T) and writes `calibration.json` next to the checkpoint, which the
-server publishes in /v1/models.
+server publishes in /v1/models. Also measures each candidate KV loop-slot policy's NLL cost
+against per-loop and its cache bytes per token at T = mu_rec and 2*mu_rec (decoding through
+the cache), which `--kv-policy auto` chooses from; `--kv-policies-only` measures just those
+and updates an existing file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
 from parcae_serve.model.tokenizer import Tokenizer
 from parcae_serve.model.train import is_heldout, read_texts, stdlib_files
 from parcae_serve.server.calibration.evaluation import teacher_forced_nll
+from parcae_serve.server.engine.kv_cache import choose_policy
 from parcae_serve.server.engine.sequence import RecurrenceExit
 
 THRESHOLDS = {
@@ -43,6 +47,31 @@ def heldout_sequences(tokenizer: Tokenizer, count: int, length: int) -> list[lis
     return out
 
 
+KV_POLICIES = ["shared:1", "shared:2", "first:2", "last:2"]
+
+
+def kv_policy_table(model, data: list[list[int]], mu: int, bound: float = 0.005, log=print) -> dict:
+    """Each candidate policy's held-out NLL cost vs per-loop and its bytes per token at
+    T = mu and 2*mu, decoding through the cache; `recommended`: what `--kv-policy auto` picks
+    with the default bound."""
+    rows = []
+    for depth in (mu, 2 * mu):
+        exact = teacher_forced_nll(model, data, depth, "per-loop")
+        for policy in ["per-loop", *KV_POLICIES]:
+            q = exact if policy == "per-loop" else teacher_forced_nll(model, data, depth, policy)
+            cost = q.nll / exact.nll - 1
+            rows.append({"policy": policy, "depth": depth, "nll": round(q.nll, 5),
+                         "nll_cost": round(cost, 5),
+                         "bytes_per_token": int(q.cache_bytes_per_token)})  # fmt: skip
+            log(f"kv {policy:9s} T={depth:2d} nll {q.nll:.4f} ({cost:+.2%}) "
+                f"{q.cache_bytes_per_token:.0f} B/token")  # fmt: skip
+    table = {"depths": [mu, 2 * mu], "baseline": "per-loop", "rows": rows}
+    policy, reason = choose_policy({"kv_policies": table}, bound, mu)
+    table["recommended"] = {"policy": str(policy), "max_depth": policy.upto or None,
+                            "bound": bound, "reason": reason}  # fmt: skip
+    return table
+
+
 def fixed_depths(mu: int) -> list[int]:
     return sorted({1, 2, 3, 4, mu, 2 * mu, 3 * mu, 4 * mu} | set(range(1, mu + 1)))
 
@@ -54,12 +83,20 @@ def calibrate(
     length: int = 128,
     policy: str = "per-loop",
     log=print,
+    kv_policies_only: bool = False,
 ) -> dict:
     directory = Path(model_dir) if model_dir else builtin_checkpoint()
+    path = Path(out) if out else directory / "calibration.json"
     torch.manual_seed(0)
     model = load_checkpoint(directory)
     data = heldout_sequences(Tokenizer.from_dir(directory), sequences, length)
     mu = model.cfg.mean_recurrence
+    if kv_policies_only:
+        report = json.loads(path.read_text()) if path.exists() else {"model": directory.name}
+        report["kv_policies"] = kv_policy_table(model, data, mu, log=log)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {path}")
+        return report
     fixed = {}
     for depth in fixed_depths(mu):
         fixed[depth] = asdict(teacher_forced_nll(model, data, depth, policy))
@@ -85,8 +122,8 @@ def calibrate(
         "fit": fit,
         "adaptive": adaptive,
         "best_adaptive": best_adaptive(adaptive),
+        "kv_policies": kv_policy_table(model, data, mu, log=log),
     }
-    path = Path(out) if out else directory / "calibration.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {path}")
     return report
@@ -107,8 +144,14 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--policy", default="per-loop")
+    parser.add_argument(
+        "--kv-policies-only",
+        action="store_true",
+        help="measure only the KV policies' table and update it in the existing file",
+    )
     args = parser.parse_args()
-    calibrate(args.model, args.out, args.sequences, args.length, args.policy)
+    calibrate(args.model, args.out, args.sequences, args.length, args.policy,
+              kv_policies_only=args.kv_policies_only)  # fmt: skip
 
 
 if __name__ == "__main__":

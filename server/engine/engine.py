@@ -32,7 +32,7 @@ __all__ = ["Engine", "EngineConfig", "QueueFull"]
 @dataclass
 class EngineConfig:
     scheduler: SchedulerConfig
-    kv_policy: str = "per-loop"
+    kv_policy: str | LoopSlotPolicy = "per-loop"  # a resolved policy (see choose_policy)
     kv_cache_bytes: int = 256 * 2**20
     block_size: int = 16
     eos_id: int | None = None
@@ -45,9 +45,12 @@ class Engine:
         self.metrics = metrics or Metrics()
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
+        policy = config.kv_policy
+        if isinstance(policy, str):
+            policy = LoopSlotPolicy.parse(policy)
         self.cache = KVCache(
             model.cfg,
-            LoopSlotPolicy.parse(config.kv_policy),
+            policy,
             config.kv_cache_bytes,
             typical_depth=model.cfg.mean_recurrence,
             block_size=config.block_size,
@@ -63,7 +66,7 @@ class Engine:
         self._stop = False
         self.pending = 0  # submitted and not yet finished (read by the SIGTERM drain)
         self._pending_lock = threading.Lock()
-        self._prefix_seen = (0, 0)
+        self._counted = (0, 0, 0)  # prefix queries, hits, preemptions already in the metrics
 
     # Lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -220,8 +223,10 @@ class Engine:
             if end <= seq.num_prompt:
                 seq.prompt_depths += used
                 self._score_prompt(seq, logits[offset : offset + n], int(g.positions[0]))
-                if seq.table.exact:
-                    self.cache.publish_prefix(seq.table, seq.tokens[: seq.num_prompt], end)
+                prompt = seq.tokens[: seq.num_prompt]
+                self.cache.publish_prefix(seq.table, prompt, end, seq.prompt_depths)
+            if end >= seq.num_prompt:  # the prompt is done: keep only the policy's slots
+                self.cache.finish_prefill(seq.table)
             if end == len(seq.tokens) and not seq.finished:
                 if seq.request.sampling.max_tokens == 0:
                     self._complete(seq, StepOutput(finish_reason="length"))
@@ -342,11 +347,11 @@ class Engine:
             self._complete(seq, StepOutput(finish_reason="error", error=message))
 
     def _namespace(self, seq: Sequence) -> bytes:
-        """Prefix blocks are shared only between requests whose K/V would be identical."""
+        """Prefix blocks are shared only between requests whose K/V would be identical. They
+        hold every loop's K/V, so requests under any policy share them."""
         loops = seq.request.loops
         noisy = self.model.cfg.state_init != "zero"
-        policy = loops.kv_policy or self.cache.policy
-        key = f"{loops.depth}|{policy}|{loops.exit}|{loops.warm_start}|"
+        key = f"{loops.depth}|{loops.exit}|{loops.warm_start}|"
         key += f"{seq.noise_seed}" if noisy else "-"
         return hashlib.sha256(key.encode()).digest()
 
@@ -357,7 +362,8 @@ class Engine:
         used = c.used_bytes
         m.kv_bytes.set(used)
         m.kv_usage.set(used / c.capacity_bytes)
-        seen = (c.prefix_queries, c.prefix_hits)
-        m.prefix_queries.inc(seen[0] - self._prefix_seen[0])
-        m.prefix_hits.inc(seen[1] - self._prefix_seen[1])
-        self._prefix_seen = seen
+        seen = (c.prefix_queries, c.prefix_hits, s.preemptions)
+        m.prefix_queries.inc(seen[0] - self._counted[0])
+        m.prefix_hits.inc(seen[1] - self._counted[1])
+        m.preemptions.inc(seen[2] - self._counted[2])
+        self._counted = seen

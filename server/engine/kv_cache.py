@@ -7,8 +7,16 @@ Two pools, sized once from a byte budget:
   `outer + slots(T) * recurrent` bytes: with `shared:1` it does not grow with the depth T.
 
 A sequence owns a list of *bundles*, one per `block_size` tokens: an outer block plus one
-recurrent block per slot. Full prompt bundles are indexed by a hash chain of their tokens and
-the request's cache namespace (depth, policy, exit rule, seed) and reused by later requests.
+recurrent block per slot. While its prompt is being prefilled a sequence keeps every loop's K/V
+(per-loop layout), so prompts prefill in chunks and full prompt bundles can be reused exactly
+under any policy: they are indexed by a hash chain of their tokens and the request's cache
+namespace (depth, exit rule, seed). Once the prompt is done, `finish_prefill` keeps only the
+slots the policy keeps (for each slot, the last loop mapped to it: what a one-chunk prefill
+would have left there) and releases the others, except in published prefix bundles, which keep
+every loop for later requests (an LRU, evicted before any allocation fails).
+
+A preempted sequence's K/V are swapped to host memory and copied back when it resumes, so a
+lossy policy's decode-time cache (which no exact recompute reproduces) survives preemption.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ class LoopSlotPolicy:
 
     kind: str
     k: int = 0
+    upto: int = 0  # lossy only for depths <= upto (0: every depth); deeper tokens keep every loop
 
     @classmethod
     def parse(cls, text: str) -> LoopSlotPolicy:
@@ -50,17 +59,65 @@ class LoopSlotPolicy:
     def __str__(self) -> str:
         return self.kind if self.kind == "per-loop" else f"{self.kind}:{self.k}"
 
+    def exact_at(self, depth: int) -> bool:
+        return self.kind == "per-loop" or 0 < self.upto < depth
+
     def num_slots(self, depth: int) -> int:
-        return depth if self.kind == "per-loop" else min(self.k, depth)
+        return depth if self.exact_at(depth) else min(self.k, depth)
 
     def slot(self, loop: int, depth: int) -> int:
-        if self.kind == "per-loop":
+        if self.exact_at(depth):
             return loop
         if self.kind == "shared":
             return loop % self.k
         if self.kind == "first":
             return min(loop, self.k - 1)
         return max(0, loop - max(0, depth - self.k))
+
+    def kept_loops(self, depth: int) -> list[int]:
+        """For each slot, the last loop mapped to it: whose K/V the slot holds at the end."""
+        last = {self.slot(t, depth): t for t in range(depth)}
+        return [last[s] for s in range(self.num_slots(depth))]
+
+
+PER_LOOP = LoopSlotPolicy("per-loop")
+
+
+def choose_policy(
+    calibration: dict | None, max_nll_cost: float, default_depth: int
+) -> tuple[LoopSlotPolicy, str]:
+    """`--kv-policy auto`: the measured policy with the fewest bytes per token whose held-out
+    NLL cost (vs per-loop, decoding through the cache) is within `max_nll_cost` at the default
+    depth, lossy only up to the deepest depth where every measurement is within the bound;
+    per-loop when nothing measured qualifies. Returns the policy and the reason, in words."""
+    rows = (calibration or {}).get("kv_policies", {}).get("rows", [])
+    if not rows:
+        return PER_LOOP, "per-loop (exact): the checkpoint has no measured KV-policy table"
+    best = None
+    for name in sorted({r["policy"] for r in rows} - {"per-loop"}):
+        measured = sorted((r["depth"], r) for r in rows if r["policy"] == name)
+        upto = 0
+        for depth, row in measured:
+            if row["nll_cost"] > max_nll_cost:
+                break
+            upto = depth
+        at_default = [r for d, r in measured if d == default_depth]
+        if upto < default_depth or not at_default:
+            continue
+        key = (at_default[0]["bytes_per_token"], at_default[0]["nll_cost"])
+        if best is None or key < best[0]:
+            best = (key, LoopSlotPolicy.parse(name), upto, at_default[0]["nll_cost"])
+    if best is None:
+        return PER_LOOP, (
+            f"per-loop (exact): no measured policy costs <= {max_nll_cost:.2%} held-out NLL at "
+            f"the default depth {default_depth}"
+        )
+    _, policy, upto, cost = best
+    policy = LoopSlotPolicy(policy.kind, policy.k, upto)
+    return policy, (
+        f"{policy} for depths <= {upto}, per-loop above: measured {cost:+.2%} held-out NLL at "
+        f"depth {default_depth} (bound {max_nll_cost:.2%}), the fewest bytes per token within it"
+    )
 
 
 @dataclass
@@ -69,6 +126,7 @@ class Bundle:
     recurrent: list[int]
     refs: int = 1
     key: bytes | None = None  # set once the bundle holds a finished prompt block
+    loops: list[int] = field(default_factory=list)  # a published block's loops per position
 
 
 @dataclass
@@ -79,6 +137,7 @@ class BlockTable:
     depth: int
     policy: LoopSlotPolicy
     namespace: bytes
+    prefilling: bool = False  # per-loop layout until the prompt is done (see finish_prefill)
     num_slots: int = field(init=False, default=0)
     bundles: list[Bundle] = field(default_factory=list)
     outer_rows: list[int] = field(default_factory=list)
@@ -87,11 +146,16 @@ class BlockTable:
     _rec_t: Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.num_slots = self.policy.num_slots(self.depth)
+        self.num_slots = self.layout.num_slots(self.depth)
         self.rec_rows = [[] for _ in range(self.num_slots)]
 
+    @property
+    def layout(self) -> LoopSlotPolicy:
+        """The slot mapping in force now: every loop its own slot while prefilling."""
+        return PER_LOOP if self.prefilling else self.policy
+
     def slot(self, loop: int) -> int:
-        return self.policy.slot(loop, self.depth)
+        return self.layout.slot(loop, self.depth)
 
     @property
     def exact(self) -> bool:
@@ -113,6 +177,23 @@ class BlockTable:
         if self._rec_t is None or self._rec_t.shape[1] != self.capacity:
             self._rec_t = torch.tensor(self.rec_rows, dtype=torch.long)
         return self._rec_t
+
+
+@dataclass
+class SwappedKV:
+    """A preempted sequence's K/V in host memory: outer (layers, n, heads, hd) and recurrent
+    (layers, slots, n, heads, hd), in the table layout they were taken from."""
+
+    positions: int
+    prefilling: bool
+    outer_k: Tensor
+    outer_v: Tensor
+    rec_k: Tensor
+    rec_v: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.outer_k, self.outer_v, self.rec_k, self.rec_v))
 
 
 def layer_shapes(cfg: ParcaeConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -196,10 +277,20 @@ class KVCache:
 
     # Allocation -----------------------------------------------------------------------------
     def new_table(
-        self, depth: int, namespace: bytes, policy: LoopSlotPolicy | None = None
+        self,
+        depth: int,
+        namespace: bytes,
+        policy: LoopSlotPolicy | None = None,
+        prefilling: bool = False,
     ) -> BlockTable:
-        """A sequence's table; a request may bring its own policy (see `allows`)."""
-        return BlockTable(depth, policy or self.policy, namespace)
+        """A sequence's table; a request may bring its own policy (see `allows`). A prefilling
+        table keeps every loop until `finish_prefill`."""
+        return BlockTable(depth, policy or self.policy, namespace, prefilling)
+
+    def could_hold(self, tokens: int, num_slots: int) -> bool:
+        """Would `tokens` positions at `num_slots` fit in the whole (empty) pool?"""
+        blocks = self.blocks_for(tokens)
+        return blocks <= self.num_outer_blocks and blocks * num_slots <= self.num_rec_blocks
 
     def allows(self, policy: LoopSlotPolicy, depth: int) -> bool:
         """A per-request policy is safe when it needs no more slots than the server's."""
@@ -224,8 +315,56 @@ class KVCache:
         bs = self.block_size
         table.bundles.append(bundle)
         table.outer_rows.extend(range(bundle.outer * bs, bundle.outer * bs + bs))
-        for slot, block in enumerate(bundle.recurrent):
+        blocks = bundle.recurrent
+        if len(blocks) != table.num_slots:  # a published per-loop bundle seen through a policy
+            blocks = [blocks[t] for t in table.policy.kept_loops(table.depth)]
+        for slot, block in enumerate(blocks):
             table.rec_rows[slot].extend(range(block * bs, block * bs + bs))
+
+    def finish_prefill(self, table: BlockTable) -> None:
+        """The prompt is done: from here on the table holds the policy's slots, each with the
+        K/V of the last loop mapped to it (what a one-chunk prefill leaves there). Private
+        bundles release the other loops' blocks; published prefix bundles keep every loop for
+        later requests and are read through the policy's view."""
+        if not table.prefilling:
+            return
+        table.prefilling = False
+        slots = table.policy.num_slots(table.depth)
+        if slots == table.num_slots:
+            return
+        keep = table.policy.kept_loops(table.depth)
+        for bundle in table.bundles:
+            if bundle.key is None:
+                self.free_rec.extend(b for t, b in enumerate(bundle.recurrent) if t not in keep)
+                bundle.recurrent = [bundle.recurrent[t] for t in keep]
+        bundles = table.bundles
+        table.num_slots, table.bundles, table.outer_rows = slots, [], []
+        table.rec_rows, table._outer_t, table._rec_t = [[] for _ in range(slots)], None, None
+        for bundle in bundles:
+            self._append(table, bundle)
+
+    # Preemption -----------------------------------------------------------------------------
+    def swap_out(self, table: BlockTable, positions: int) -> SwappedKV | None:
+        """Copy the K/V of a table's first `positions` positions to host memory."""
+        if positions == 0:
+            return None
+        outer = table.outer_index()[:positions].to(self.outer_k.device)
+        rec = table.rec_index()[:, :positions].to(self.rec_k.device)
+        return SwappedKV(
+            positions,
+            table.prefilling,
+            *(pool[:, outer].cpu() for pool in (self.outer_k, self.outer_v)),
+            *(pool[:, rec].cpu() for pool in (self.rec_k, self.rec_v)),
+        )
+
+    def swap_in(self, table: BlockTable, kv: SwappedKV) -> None:
+        """Copy swapped K/V back into a fresh table (same layout, already grown to hold them)."""
+        outer = table.outer_index()[: kv.positions].to(self.outer_k.device)
+        rec = table.rec_index()[:, : kv.positions].to(self.rec_k.device)
+        self.outer_k[:, outer] = kv.outer_k.to(self.outer_k.device)
+        self.outer_v[:, outer] = kv.outer_v.to(self.outer_k.device)
+        self.rec_k[:, rec] = kv.rec_k.to(self.rec_k.device)
+        self.rec_v[:, rec] = kv.rec_v.to(self.rec_k.device)
 
     def ensure(self, table: BlockTable, tokens: int) -> bool:
         """Grow `table` to hold `tokens` positions; False (nothing taken) if memory is short."""
@@ -279,13 +418,24 @@ class KVCache:
             hits += 1
         return hits * self.block_size
 
-    def publish_prefix(self, table: BlockTable, prompt: list[int], computed: int) -> None:
-        """Index the full prompt blocks whose K/V are final (prefilled exactly)."""
+    def publish_prefix(
+        self, table: BlockTable, prompt: list[int], computed: int, loops: list[int]
+    ) -> None:
+        """Index the full prompt blocks whose K/V are final (prefilled exactly, every loop),
+        with the loops each position ran (`loops`, per position from 0), so a hit reports the
+        same usage as a cold run."""
+        if not table.exact:
+            return
+        bs = self.block_size
         for i, key in enumerate(self._chain(table.namespace, prompt[:computed])):
             bundle = table.bundles[i]
             if bundle.key is None and key not in self.prefix:
-                bundle.key = key
+                bundle.key, bundle.loops = key, loops[i * bs : (i + 1) * bs]
                 self.prefix[key] = bundle
+
+    def cached_loops(self, table: BlockTable, positions: int) -> list[int]:
+        """Loops run per position by the prefix blocks a table attached."""
+        return [n for b in table.bundles[: positions // self.block_size] for n in b.loops]
 
     # Early exit -----------------------------------------------------------------------------
     def fill_skipped(self, table: BlockTable, positions: Tensor, exit_loop: int) -> None:

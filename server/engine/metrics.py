@@ -44,6 +44,9 @@ class Metrics:
         )
         self.prefix_queries = Counter(f"{p}prefix_cache_queries", "Prefix lookups", registry=r)
         self.prefix_hits = Counter(f"{p}prefix_cache_hits", "Prefix lookups that hit", registry=r)
+        self.preemptions = Counter(
+            f"{p}preemptions", "Sequences preempted for cache memory (swapped out)", registry=r
+        )
         self.running = Gauge(f"{p}requests_running", "Sequences being computed", registry=r)
         self.waiting = Gauge(f"{p}requests_waiting", "Sequences waiting to start", registry=r)
         self.kv_usage = Gauge(

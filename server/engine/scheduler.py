@@ -6,7 +6,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from parcae_serve.server.engine.kv_cache import KVCache
+from parcae_serve.server.engine.kv_cache import BlockTable, KVCache
 from parcae_serve.server.engine.sequence import Sequence
 
 
@@ -34,28 +34,47 @@ class Scheduler:
         self.config, self.cache = config, cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
 
     def admit(self, namespace_of) -> list[Sequence]:
         """Start waiting sequences (FIFO) while batch slots and cache memory allow."""
         admitted = []
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
-            loops = seq.request.loops
-            table = self.cache.new_table(loops.depth, namespace_of(seq), loops.kv_policy)
-            # reusing blocks is exact only when they keep every loop's K/V (see BlockTable.exact)
-            reusable = seq.request.sampling.prompt_logprobs is None and table.exact
-            hit = self.cache.attach_prefix(table, seq.tokens) if reusable else 0
+            table, hit, queried = self._table(seq, namespace_of(seq))
             if not self.cache.ensure(table, len(seq.tokens) + 1):
                 self.cache.free(table)
                 break
-            self.cache.prefix_queries += reusable
+            self.cache.prefix_queries += queried
             self.cache.prefix_hits += hit > 0
             self.waiting.popleft()
+            if seq.swapped is not None:  # resumes exactly where it was preempted
+                self.cache.swap_in(table, seq.swapped)
+                hit, seq.swapped = seq.swapped.positions, None
+            elif hit:  # cached positions count in usage as in a cold run
+                seq.prompt_depths = self.cache.cached_loops(table, hit)
+                seq.total_loops, seq.positions_run = sum(seq.prompt_depths), hit
             seq.table, seq.computed = table, hit
             seq.admitted_at = seq.admitted_at or time.monotonic()
             self.running.append(seq)
             admitted.append(seq)
         return admitted
+
+    def _table(self, seq: Sequence, namespace: bytes) -> tuple[BlockTable, int, bool]:
+        """A new sequence's table (every loop kept while its prompt prefills, prefix blocks
+        attached), how many positions are already computed, and whether the prefix cache was
+        asked."""
+        loops, cache = seq.request.loops, self.cache
+        if seq.swapped is not None:
+            prefilling = seq.swapped.prefilling
+            return cache.new_table(loops.depth, namespace, loops.kv_policy, prefilling), 0, False
+        # a prompt too long for every loop's K/V in the whole pool prefills in the policy's
+        # layout, in one chunk (loop t then sees every position's loop t): exact, not reusable
+        prefilling = cache.could_hold(len(seq.tokens) + 1, loops.depth)
+        table = cache.new_table(loops.depth, namespace, loops.kv_policy, prefilling)
+        if seq.request.sampling.prompt_logprobs is not None or not table.exact:
+            return table, 0, False
+        return table, cache.attach_prefix(table, seq.tokens), True
 
     def plan(self) -> list[Work]:
         """The groups to start now: a prefill chunk or the next decode token per idle sequence."""
@@ -68,7 +87,7 @@ class Scheduler:
             if remaining > 1:
                 if budget <= 0:
                     continue
-                # a lossy policy prefills in one chunk: loop t then sees every position's loop t
+                # a table in a lossy layout prefills in one chunk (see _table)
                 take = min(remaining, budget) if seq.table.exact else remaining
                 end, budget = start + take, budget - take
             else:
@@ -92,13 +111,13 @@ class Scheduler:
         return True
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a sequence's cache and queue it again; it recomputes its tokens when readmitted."""
+        """Swap a sequence's K/V to host memory, free its blocks and queue it again; it resumes
+        from the swapped cache, so its output is what it would have been without preemption."""
+        seq.swapped = self.cache.swap_out(seq.table, seq.computed)
         self.cache.free(seq.table)
-        seq.table, seq.computed, seq.in_flight = None, 0, False
-        seq.last_h = None
+        seq.table, seq.in_flight = None, False
         seq.preemptions += 1
-        if not seq.output:  # the prompt is scored again from scratch; once reported, kept
-            seq.prompt_depths, seq.prompt_scores = [], []
+        self.preemptions += 1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from parcae_serve.server.engine.kv_cache import BlockTable, LoopSlotPolicy
+from parcae_serve.server.engine.kv_cache import BlockTable, LoopSlotPolicy, SwappedKV
 from parcae_serve.server.engine.sampling import SamplingParams
 
 _ids = itertools.count()
@@ -76,6 +76,7 @@ class Sequence:
             self.sample_gen.manual_seed(seed + 1)
         self.computed = 0  # positions whose K/V are final in the cache
         self.table: BlockTable | None = None
+        self.swapped: SwappedKV | None = None  # K/V kept in host memory while preempted
         self.in_flight = False
         self.finished = False
         self.prompt_depths: list[int] = []

@@ -381,6 +381,7 @@ def test_unknown_route_and_method_use_the_error_body(live_server: str) -> None:
 def test_models_health_version(live_server: str) -> None:
     card = httpx.get(f"{live_server}/v1/models").json()["data"][0]
     assert card["recurrence"] == {"mean_recurrence": 3, "max_depth": 32, "prelude": 1,
-                                  "recurrent": 2, "coda": 1, "kv_policy": "per-loop"}  # fmt: skip
+                                  "recurrent": 2, "coda": 1, "kv_policy": "per-loop",
+                                  "kv_policy_reason": "set by --kv-policy"}  # fmt: skip
     assert httpx.get(f"{live_server}/health").json() == {"status": "ok"}
     assert httpx.get(f"{live_server}/version").json()["version"]

@@ -23,18 +23,18 @@ def test_bytes_are_accounted_exactly_and_return_to_zero() -> None:
 
 
 def test_prefix_blocks_are_reused_then_evicted_least_recently_used_first() -> None:
-    cache = pool(4)
+    cache = pool(4, "per-loop")  # published prefix blocks keep every loop's K/V
     prompt = list(range(13))  # 3 full blocks (the last token is never reused)
     first = cache.new_table(4, b"ns")
     assert cache.ensure(first, len(prompt))
-    cache.publish_prefix(first, prompt, len(prompt))
+    cache.publish_prefix(first, prompt, len(prompt), [4] * len(prompt))
     cache.free(first)
     assert cache.used_bytes == 0 and len(cache.evictable) == 3
 
     again = cache.new_table(4, b"ns")
     assert cache.attach_prefix(again, prompt) == 12
     other_namespace = cache.new_table(4, b"other")
-    assert cache.attach_prefix(other_namespace, prompt) == 0  # another depth/seed/policy: no reuse
+    assert cache.attach_prefix(other_namespace, prompt) == 0  # another depth/seed/exit: no reuse
     cache.free(again)
 
     big = cache.new_table(4, b"ns")
