@@ -48,8 +48,8 @@ def prefix_ttft(model_dir: Path, tokenizer: Tokenizer, prompt_tokens: int) -> di
     text = " ".join(f"value_{i} = compute({i})" for i in range(prompt_tokens))
     ids = tokenizer.encode(text)[:prompt_tokens]
     body = {"prompt": ids, "max_tokens": 1, "temperature": 0, "seed": 1}
-    # prefix blocks are shared only where exact: every loop keeps its own K/V (per-loop)
-    flags = ("--kv-cache-bytes", str(BUDGET), "--kv-policy", "per-loop")
+    # prefixes are reused exactly under every policy: prompts keep every loop while prefilling
+    flags = ("--kv-cache-bytes", str(BUDGET))
     with running_server(model_dir, *flags) as server:
         times = []
         for _ in range(3):
