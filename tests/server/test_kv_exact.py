@@ -265,3 +265,19 @@ def test_auto_takes_the_cheapest_policy_within_the_bound_up_to_its_measured_dept
     assert str(policy) == "per-loop" and "0.10%" in reason
     # measured only at other depths than the default: not used
     assert str(choose_policy(table, 0.005, 3)[0]) == "per-loop"
+
+
+def test_calibration_measures_each_policy_against_per_loop() -> None:
+    from parcae_serve.server.calibration.calibrate import KV_POLICIES, kv_policy_table
+
+    model = random_model(NOISY)
+    data = [[(5 * i + j) % 97 + 1 for i in range(10)] for j in range(2)]
+    table = kv_policy_table(model, data, 3, log=lambda *_: None)
+    rows = {(r["policy"], r["depth"]): r for r in table["rows"]}
+    assert set(rows) == {(p, d) for p in ["per-loop", *KV_POLICIES] for d in (3, 6)}
+    assert rows["per-loop", 6]["nll_cost"] == 0
+    assert rows["shared:1", 6]["nll_cost"] != 0  # one slot for 6 loops changes what is read
+    assert rows["shared:1", 6]["bytes_per_token"] < rows["per-loop", 6]["bytes_per_token"]
+    policy, reason = choose_policy({"kv_policies": table}, 0.005, 3)
+    assert table["recommended"] == {"policy": str(policy), "max_depth": policy.upto or None,
+                                    "bound": 0.005, "reason": reason}  # fmt: skip
