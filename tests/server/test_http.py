@@ -7,13 +7,13 @@ import json
 import re
 import signal
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import running_server
+from tests.helpers import wait_for
 
 PROMPT = "def parse(text):\n    "
 
@@ -183,15 +183,6 @@ def test_mixed_depths_in_one_batch_match_each_alone(live_server: str, client) ->
 
 
 # Lifecycle -------------------------------------------------------------------------------------
-
-
-def wait_for(predicate, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(live_server: str) -> None:

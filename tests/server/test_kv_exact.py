@@ -4,8 +4,6 @@ a checkpoint's calibration measured it within the bound."""
 
 from __future__ import annotations
 
-import queue
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from parcae_serve.server.engine.runner import NOISE_STRIDE
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit
-from tests.helpers import random_model
+from tests.helpers import outputs_together, random_model
 
 NOISY = ParcaeConfig(
     n_embd=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
@@ -78,16 +76,7 @@ def no_cache_forward(model, prompt: list[int], depth: int, seed: int) -> torch.T
 
 
 def run_together(eng: Engine, requests: list[EngineRequest]) -> list:
-    queues = [queue.SimpleQueue() for _ in requests]
-    for r, q in zip(requests, queues, strict=True):
-        eng.submit(r, q.put)
-    results = []
-    for q in queues:
-        outs = [q.get(timeout=120)]
-        while outs[-1].finish_reason is None:
-            outs.append(q.get(timeout=120))
-        results.append(result(outs))
-    return results
+    return [result(outs) for outs in outputs_together(eng, requests)]
 
 
 @pytest.mark.parametrize("policy", ["per-loop", *LOSSY])
