@@ -72,6 +72,17 @@ def kv_policy(settings: ServerSettings, model_dir: Path, default_depth: int):
     return choose_policy(calibration, settings.kv_max_nll_cost, default_depth)
 
 
+BANDWIDTH_BOUND_BYTES = 64 * 2**20  # weights past the per-core caches: decode reads DRAM
+
+
+def kernel_threads(model: Parcae, cores: int) -> int:
+    """Default CPU kernel threads. Measured on 2 cores (bench/RESULTS.md): a small model is
+    overhead-bound and runs fastest on cores - 1 threads, leaving a core to HTTP; a model whose
+    weights stream from DRAM every loop needs every core's bandwidth."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return cores if weight_bytes >= BANDWIDTH_BOUND_BYTES else max(1, cores - 1)
+
+
 def compile_mode(setting: str, device: str) -> str:
     """The compiled decode path for `--compile`: auto = CUDA graphs on CUDA, inductor on CPU."""
     if setting != "auto":
@@ -84,10 +95,12 @@ def build(state: ServerState) -> None:
     s = state.settings
     model_dir = Path(s.model) if s.model else builtin_checkpoint()
     device, dtype = resolve_device(s)
-    if device == "cpu":  # small kernels: a core left to the event loop beats a second worker
-        torch.set_num_threads(s.threads or max(1, (os.cpu_count() or 2) - 1))
     tokenizer = load_tokenizer(model_dir, s.tokenizer)
     model: Parcae = load_checkpoint(model_dir, device=device, dtype=dtype)
+    if device == "cpu":  # before compiling: compiled kernels are specialised to the count
+        threads = s.threads or kernel_threads(model, os.cpu_count() or 1)
+        torch.set_num_threads(threads)
+        log.info("kernel threads: %d", threads)
     cfg = model.cfg
     max_context = min(s.max_context or cfg.block_size, cfg.block_size)
     default_depth = min(cfg.mean_recurrence, s.max_depth)
@@ -108,10 +121,6 @@ def build(state: ServerState) -> None:
     if engine_cfg.compile != "off":
         log.info("compiled decode (%s) for depths %s in %.0f s", engine_cfg.compile, depths,
                  time.monotonic() - started)  # fmt: skip
-        if device == "cpu" and s.threads is None and default_depth in depths:
-            cores = os.cpu_count() or 1
-            threads = engine.fastest_threads(default_depth, [max(1, cores - 1), cores])
-            log.info("kernel threads: %d (the faster of cores - 1 and cores, measured)", threads)
     engine.start()
     warm = EngineRequest([tokenizer.bos_id or 0, 1], SamplingParams(max_tokens=2), LoopParams(2))
     engine.generate_sync(warm)

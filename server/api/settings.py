@@ -55,10 +55,11 @@ class ServerSettings(BaseSettings):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads for the model's kernels (default: whichever of cores - 1 and "
-        "cores runs the compiled decode step faster, measured at start-up; cores - 1 without "
-        "--compile). Threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set), so an "
-        "oversubscribed machine slows down instead of collapsing",
+        description="CPU threads for the model's kernels (default: every core for a model of "
+        "64 MiB of weights or more, which streams them from memory every loop; cores - 1 for a "
+        "smaller, overhead-bound one, leaving a core to HTTP). Threads wait passively "
+        "(OMP_WAIT_POLICY=PASSIVE unless set), so an oversubscribed machine slows down instead "
+        "of collapsing",
     )
     compile: Literal["auto", "off", "inductor", "cudagraphs", "eager"] = Field(
         "auto",

@@ -20,7 +20,6 @@ not compiled) take the eager runner.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -225,16 +224,6 @@ class CompiledDecoder:
         with torch.inference_mode():  # as when serving: inference tensors guard differently
             self(depth, self._dummy(depth))
         self.ready.add(depth)
-
-    def seconds_per_step(self, depth: int, reps: int = 5) -> float:
-        """Time of one (warmed) call on dummy rows: what kernel settings are compared by."""
-        with torch.inference_mode():
-            batch = self._dummy(depth)
-            self(depth, batch)
-            start = time.perf_counter()
-            for _ in range(reps):
-                self(depth, batch)
-        return (time.perf_counter() - start) / reps
 
     def _dummy(self, depth: int) -> DecodeBatch:
         """Two rows that attend to nothing (every past position masked)."""

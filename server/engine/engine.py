@@ -86,18 +86,6 @@ class Engine:
             for depth in depths:
                 self.runner.decoder.warm(depth)
 
-    def fastest_threads(self, depth: int, candidates: list[int]) -> int:
-        """Set torch's kernel threads to whichever of `candidates` runs a decode step of
-        `depth` fastest here (tiny models lose to thread hand-offs, bandwidth-bound ones need
-        every core); needs the compiled path warmed at `depth`. Returns the choice."""
-        timings = {}
-        for n in sorted(set(candidates)):
-            torch.set_num_threads(n)
-            timings[n] = self.runner.decoder.seconds_per_step(depth)
-        best = min(timings, key=timings.get)
-        torch.set_num_threads(best)
-        return best
-
     def _run(self) -> None:
         while not self._stop:
             try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from parcae_serve.model.config import ParcaeConfig
+from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.engine import Engine, EngineConfig
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
@@ -115,12 +116,11 @@ def test_server_warms_its_decode_graphs_before_it_is_ready(tiny_model_dir) -> No
     assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
 
 
-def test_kernel_threads_are_set_to_the_faster_measured_choice() -> None:
-    eng = engine("per-loop", "eager", [3])
-    before = torch.get_num_threads()
-    try:
-        choice = eng.fastest_threads(3, [1, 2])
-        assert choice in (1, 2) and torch.get_num_threads() == choice
-    finally:
-        torch.set_num_threads(before)
-        eng.stop()
+def test_default_kernel_threads_leave_a_core_to_http_unless_weights_stream_from_memory() -> None:
+    from parcae_serve.server.api.app import kernel_threads
+
+    assert kernel_threads(random_model(CFG), cores=2) == 1
+    assert kernel_threads(random_model(CFG), cores=1) == 1
+    big = ParcaeConfig(n_embd=1024, num_attention_heads=8, vocab_size=32768, n_layers_in_coda=4)
+    with torch.device("meta"):
+        assert kernel_threads(Parcae(big), cores=2) == 2
