@@ -36,7 +36,7 @@ class EngineConfig:
     kv_cache_bytes: int = 256 * 2**20
     block_size: int = 16
     eos_id: int | None = None
-    compile: str = "off"  # "off" | "inductor" | "cudagraphs": the compiled decode path
+    compile: str = "off"  # compiled decode path: "off" | "eager" | "inductor" | "cudagraphs"
 
 
 class Engine:

@@ -67,7 +67,8 @@ def test_decode_graph_equals_the_eager_runner_for_every_policy_and_depth(policy:
         assert fast.metrics.compiled_tokens._value.get() >= sum(len(t) - 1 for t, _ in got)
         assert ref.metrics.compiled_tokens._value.get() == 0
     finally:
-        ref.stop(), fast.stop()
+        ref.stop()
+        fast.stop()
 
 
 def test_rows_the_graph_cannot_run_take_the_eager_runner_in_the_same_batch() -> None:
@@ -81,7 +82,8 @@ def test_rows_the_graph_cannot_run_take_the_eager_runner_in_the_same_batch() -> 
                          if r.loops.depth == 3 and r.loops.exit is None)  # fmt: skip
         assert fast.metrics.compiled_tokens._value.get() >= graph_rows
     finally:
-        ref.stop(), fast.stop()
+        ref.stop()
+        fast.stop()
 
 
 def test_inductor_compiled_decode_equals_eager() -> None:
@@ -93,7 +95,8 @@ def test_inductor_compiled_decode_equals_eager() -> None:
         assert_same(run_all(fast, reqs), run_all(ref, reqs))
         assert_same(run_all(fast, reqs[:1]), run_all(ref, reqs[:1]))  # one row: padded
     finally:
-        ref.stop(), fast.stop()
+        ref.stop()
+        fast.stop()
 
 
 def test_server_warms_its_decode_graphs_before_it_is_ready(tiny_model_dir) -> None:
