@@ -147,7 +147,10 @@ class Completion:
 class ModelCard:
     id: str
     max_model_len: int | None
-    recurrence: dict[str, Any]  # mean_recurrence, max_depth, layer counts, kv_policy, depth table
+    # a served model: mean_recurrence, default and max depth, layer counts, kv_policy, depth
+    # table; a name that stands for settings (ID@T12, ID@PRESET): those settings
+    recurrence: dict[str, Any]
+    parent: str | None = None  # for ID@T12 and ID@PRESET: ID
 
 
 class CompletionParams(TypedDict, total=False):
@@ -236,7 +239,8 @@ def stream_chunk(payload: str) -> Completion:
 
 def model_cards(body: dict[str, Any]) -> list[ModelCard]:
     return [
-        ModelCard(m["id"], m.get("max_model_len"), m.get("recurrence", {})) for m in body["data"]
+        ModelCard(m["id"], m.get("max_model_len"), m.get("recurrence", {}), m.get("parent"))
+        for m in body["data"]
     ]
 
 

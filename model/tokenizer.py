@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -9,11 +10,14 @@ from tokenizers import Tokenizer as HFTokenizer
 
 BOS_NAMES = ("<|bos|>", "<s>", "<|begin_of_text|>", "<bos>")
 EOS_NAMES = ("<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, bos_id: int | None, eos_id: int | None) -> None:
-        self.tok, self.bos_id, self.eos_id = tok, bos_id, eos_id
+    def __init__(
+        self, tok: HFTokenizer, bos_id: int | None, eos_id: int | None, pad_id: int | None = None
+    ) -> None:
+        self.tok, self.bos_id, self.eos_id, self.pad_id = tok, bos_id, eos_id, pad_id
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
@@ -25,7 +29,12 @@ class Tokenizer:
         named = _special_tokens(directory)
         bos = _find(tok, [named.get("bos_token"), *BOS_NAMES])
         eos = _find(tok, [named.get("eos_token"), *EOS_NAMES])
-        return cls(tok, bos, eos)
+        pad = _find(tok, [named.get("pad_token"), *PAD_NAMES])
+        return cls(tok, bos, eos, pad)
+
+    def special_text(self, token_id: int | None) -> str | None:
+        """A special token's text (e.g. "<|eos|>"), or None."""
+        return None if token_id is None else self.tok.id_to_token(token_id)
 
     @property
     def vocab_size(self) -> int:
@@ -38,9 +47,34 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's exact bytes (a byte-level BPE piece may be part of a UTF-8 character);
+        for a tokenizer that is not byte-level, its text's UTF-8."""
+        piece = self.tok.id_to_token(token_id) or ""
+        table = _byte_decoder()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return self.token_text(token_id).encode()
+
     def token_text(self, token_id: int) -> str:
         """One token's text as OpenAI's logprobs show it (may be a partial UTF-8 character)."""
         return self.tok.decode([token_id], skip_special_tokens=False)
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (the `tokenizers` ByteLevel one): the printable character
+    standing for each byte, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _special_tokens(directory: Path) -> dict[str, str]:
@@ -49,7 +83,7 @@ def _special_tokens(directory: Path) -> dict[str, str]:
         path = directory / name
         if path.exists():
             for key, value in json.loads(path.read_text()).items():
-                if key in ("bos_token", "eos_token"):
+                if key in ("bos_token", "eos_token", "pad_token"):
                     text = value.get("content") if isinstance(value, dict) else value
                     if isinstance(text, str):
                         out.setdefault(key, text)

@@ -124,3 +124,11 @@ def outputs_together(engine, requests: list, timeout: float = 120) -> list[list]
             outs.append(q.get(timeout=timeout))
         results.append(outs)
     return results
+
+
+def prefix_hit_tokens(cache, before: int) -> int:
+    """Prompt tokens the prefix cache served since its hit counter read `before` (counted in
+    tokens, as vLLM does): always whole blocks."""
+    gained = cache.prefix_hits - before
+    assert gained % cache.block_size == 0, gained
+    return gained

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.model.tokenizer import Tokenizer
+from parcae_serve.server.api.access_log import AccessLog
+from parcae_serve.server.api.chat import ChatService, ChatTemplate
 from parcae_serve.server.api.completions import CompletionService, ServingLimits
 from parcae_serve.server.api.gate import RequestGate
 from parcae_serve.server.api.routes import install_error_handlers, router
+from parcae_serve.server.api.served_models import ServedModels, parse_presets
 from parcae_serve.server.api.settings import ServerSettings, default_kv_bytes
 from parcae_serve.server.api.state import ServerState
 from parcae_serve.server.api.text import longest_token_chars
@@ -90,12 +94,21 @@ def compile_mode(setting: str, device: str) -> str:
     return "cudagraphs" if device == "cuda" else "inductor"
 
 
+def served_names(settings: ServerSettings) -> list[str]:
+    """The model ids the API answers to, primary first: --served-model-name, else the
+    checkpoint directory's name."""
+    if settings.served_model_name:
+        return list(dict.fromkeys(settings.served_model_name))
+    return [(Path(settings.model) if settings.model else builtin_checkpoint()).name]
+
+
 def build(state: ServerState) -> None:
     """Load everything (blocking; runs in a worker thread while /health says 503)."""
     s = state.settings
     model_dir = Path(s.model) if s.model else builtin_checkpoint()
     device, dtype = resolve_device(s)
     tokenizer = load_tokenizer(model_dir, s.tokenizer)
+    template = ChatTemplate.load(s.chat_template, model_dir, tokenizer)  # fails before compiling
     model: Parcae = load_checkpoint(model_dir, device=device, dtype=dtype)
     if device == "cpu":  # before compiling: compiled kernels are specialised to the count
         threads = s.threads or kernel_threads(model, os.cpu_count() or 1)
@@ -103,7 +116,7 @@ def build(state: ServerState) -> None:
         log.info("kernel threads: %d", threads)
     cfg = model.cfg
     max_context = min(s.max_context or cfg.block_size, cfg.block_size)
-    default_depth = min(cfg.mean_recurrence, s.max_depth)
+    default_depth = s.default_depth or min(cfg.mean_recurrence, s.max_depth)
     policy, policy_reason = kv_policy(s, model_dir, default_depth)
     log.info("kv policy %s: %s", policy, policy_reason)
     engine_cfg = EngineConfig(
@@ -124,11 +137,12 @@ def build(state: ServerState) -> None:
     engine.start()
     warm = EngineRequest([tokenizer.bos_id or 0, 1], SamplingParams(max_tokens=2), LoopParams(2))
     engine.generate_sync(warm)
+    models = ServedModels(served_names(s), default_depth, s.max_depth, cfg.mean_recurrence,
+                          parse_presets(s.preset))  # fmt: skip
     limits = ServingLimits(
-        model_name=s.served_model_name or model_dir.name,
+        models=models,
         max_depth=s.max_depth,
         max_context=max_context,
-        default_depth=default_depth,
         vocab_size=cfg.vocab_size,
         max_sequences=s.max_batch + s.max_queue,
         max_prompt_chars=max_context * longest_token_chars(tokenizer),
@@ -141,12 +155,13 @@ def build(state: ServerState) -> None:
     state.model_card = {"dir": str(model_dir), "depth_table": card}
     state.engine, state.tokenizer = engine, tokenizer
     state.service = CompletionService(engine, tokenizer, limits)
+    state.chat = ChatService(state.service, template)
     state.ready = True
     log.info("serving %s on %s (%s), kv policy %s", limits.model_name, device, dtype, policy)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
-    state = ServerState(settings, Metrics())
+    state = ServerState(settings, Metrics(served_names(settings)[0]))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -167,5 +182,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.parcae = state
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(RequestGate, api_key=settings.api_key, max_body=settings.max_request_bytes)
+    app.add_middleware(RequestGate, api_keys=api_keys(settings),
+                       max_body=settings.max_request_bytes)  # fmt: skip
+    if settings.allowed_origins:  # outside the key check: a preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["X-Request-Id"])  # fmt: skip
+    app.add_middleware(AccessLog)  # outermost: logs every request, refused ones too
     return app
+
+
+def api_keys(settings: ServerSettings) -> list[str]:
+    """--api-key values and the lines of --api-key-file (blank lines and # comments skipped)."""
+    keys = list(settings.api_key)
+    if settings.api_key_file:
+        lines = Path(settings.api_key_file).read_text().splitlines()
+        keys += [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+    return keys

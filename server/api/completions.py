@@ -8,7 +8,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -19,10 +20,11 @@ from parcae_serve.server.api.protocol import (
     CompletionRequest,
     CompletionResponse,
     Logprobs,
+    PromptTokensDetails,
     RecurrenceUsage,
     Usage,
-    completion_id,
 )
+from parcae_serve.server.api.served_models import ServedModels, UnknownModel
 from parcae_serve.server.api.text import ChoiceText, encode_texts, token_names, token_offsets
 from parcae_serve.server.engine.engine import Engine, QueueFull
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
@@ -61,13 +63,20 @@ LOGPROB_FIELDS = ("text_offset", "token_logprobs", "tokens", "top_logprobs", "de
 
 @dataclass
 class ServingLimits:
-    model_name: str
+    models: ServedModels
     max_depth: int
     max_context: int
-    default_depth: int
     vocab_size: int
     max_sequences: int  # --max-batch + --max-queue: the most sequences the server ever holds
     max_prompt_chars: int  # a longer text prompt cannot fit the context (see longest_token_chars)
+
+    @property
+    def model_name(self) -> str:
+        return self.models.primary
+
+    @property
+    def default_depth(self) -> int:
+        return self.models.default_depth
 
 
 @dataclass
@@ -92,11 +101,13 @@ class Choice:
     stops: list[str]
     logprobs: int | None
     as_ids: bool  # logprob tokens named `token_id:<id>`
+    added_bos: bool  # the server put BOS before the client's prompt (not echoed)
     text: ChoiceText | None = None
     started: bool = False
     held: list[tuple] = field(default_factory=list)  # logprob entries waiting for their text
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
     loops: int = 0
     positions: int = 0
     error: str | None = None
@@ -134,9 +145,7 @@ class CompletionService:
     async def prepare(self, req: CompletionRequest) -> list[Choice]:
         """Every check that needs no tokens comes first; tokenising runs off the event loop."""
         self._check_fields(req)
-        if req.model is not None and req.model != self.limits.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist.", "NotFoundError",
-                           "model", "model_not_found")  # fmt: skip
+        self._apply_model_name(req)
         depth = req.recurrence_depth or self.limits.default_depth
         if depth > self.limits.max_depth:
             raise APIError(400, f"recurrence_depth must be between 1 and {self.limits.max_depth}, "
@@ -159,7 +168,8 @@ class CompletionService:
         prompts = self._prompt_list(req.prompt, req.n)
         seed = random.randrange(2**62) if req.seed == -1 else req.seed
         choices = []
-        for p_idx, (text, ids) in enumerate(await self._tokenize(prompts, req.add_special_tokens)):
+        tokenized = await self._tokenize(prompts, req.add_special_tokens)
+        for p_idx, (text, ids, added_bos) in enumerate(tokenized):
             capacity = self.engine.capacity_tokens(depth, loops.kv_policy)
             budget = min(self.limits.max_context, capacity) - len(ids)
             if budget < 0 or len(ids) >= self.limits.max_context:
@@ -171,9 +181,22 @@ class CompletionService:
                 sampling = self._sampling(req, max_tokens, None if seed is None else seed + i)
                 sampling.logit_bias = bias
                 choice = Choice(p_idx * req.n + i, EngineRequest(ids, sampling, loops), text, ids,
-                                req.echo, stops, req.logprobs, req.return_tokens_as_token_ids)  # fmt: skip
+                                req.echo, stops, req.logprobs, req.return_tokens_as_token_ids,
+                                added_bos)  # fmt: skip
                 choices.append(choice)
         return choices
+
+    def _apply_model_name(self, req: CompletionRequest) -> None:
+        """Fill the looping fields the request's model name stands for (`ID@T12`, a preset)
+        where the request did not set them itself."""
+        try:
+            looping = self.limits.models.resolve(req.model)
+        except UnknownModel:
+            raise APIError(404, f"The model `{req.model}` does not exist.", "NotFoundError",
+                           "model", "model_not_found") from None  # fmt: skip
+        for name, value in looping:
+            if value is not None and name not in req.model_fields_set:
+                setattr(req, name, value)
 
     def _check_fields(self, req: CompletionRequest) -> None:
         """Refuse what would otherwise be silently ignored or contradictory."""
@@ -237,18 +260,31 @@ class CompletionService:
 
     async def _tokenize(
         self, prompts: list[str | list[int]], add_bos: bool
-    ) -> list[tuple[str, list[int]]]:
-        """(text, ids) of each prompt, computed in a worker thread: a long prompt must not stall
-        other requests, streams or /health."""
+    ) -> list[tuple[str, list[int], bool]]:
+        """(text, ids, whether the server added BOS) of each prompt, computed in a worker thread:
+        a long prompt must not stall other requests, streams or /health.
 
-        def work() -> list[tuple[str, list[int]]]:
+        With `add_special_tokens` (the default) every prompt, text or token ids, starts with
+        BOS: the server adds it unless the ids already start with it. So a text and its token
+        ids (lm-eval's two request modes: its tokens never carry BOS) are the same sequence to
+        the model and score the same; the added BOS is never echoed (`echo` returns what the
+        client sent, each token scored)."""
+        bos = self.tokenizer.bos_id
+
+        def work() -> list[tuple[str, list[int], bool]]:
             texts = [p for p in prompts if isinstance(p, str)]
             encoded = iter(encode_texts(self.tokenizer, texts, add_bos) if texts else [])
-            return [(p, next(encoded)) if isinstance(p, str) else
-                    (self.tokenizer.decode(p), list(p)) for p in prompts]  # fmt: skip
+            out = []
+            for p in prompts:
+                if isinstance(p, str):
+                    out.append((p, next(encoded), add_bos and bos is not None))
+                else:
+                    added = add_bos and bos is not None and p[0] != bos
+                    out.append((self.tokenizer.decode(p), [bos, *p] if added else list(p), added))
+            return out
 
         out = await asyncio.to_thread(work)
-        if any(not ids for _, ids in out):  # a tokenizer without BOS and an empty string
+        if any(not ids for _, ids, _ in out):  # a tokenizer without BOS and an empty string
             raise APIError(400, "prompt must not be empty", param="prompt")
         return out
 
@@ -312,6 +348,8 @@ class CompletionService:
         scores, depths, ids = out.prompt_scores, out.prompt_depths or [], choice.prompt_ids
         offsets = token_offsets(self.tokenizer, ids)
         for i, token in enumerate(ids):
+            if i == 0 and choice.added_bos:  # the server's, not the client's: not echoed
+                continue
             offset = min(offsets[i], len(choice.prompt_text))
             if i == 0:  # the first token has no prediction
                 _add(logp, offset, token_names(self.tokenizer, [token], choice.as_ids)[token],
@@ -368,6 +406,7 @@ class CompletionService:
         async with aclosing(choice.outputs) as outputs:
             async for out in outputs:
                 choice.loops, choice.positions = out.total_loops, out.positions
+                choice.cached_tokens = choice.seq.cached_tokens
                 yield self._apply(choice, out)
                 if choice.finish_reason is not None:
                     if out.finish_reason is None:  # a stop string, seen here at the edge
@@ -376,24 +415,37 @@ class CompletionService:
         self.live.discard(choice.seq)
 
     @staticmethod
-    def _usage(choices: list[Choice], n: int) -> Usage:
-        prompt = sum(len(c.prompt_ids) for c in choices if c.index % n == 0)
+    def usage(choices: list[Choice], n: int) -> Usage:
+        """Prompt tokens count once per prompt (of its `n` choices, the most served from the
+        prefix cache count as cached); loops and completion tokens count for every choice."""
+        firsts = [c for c in choices if c.index % n == 0]
+        prompt = sum(len(c.prompt_ids) for c in firsts)
+        cached = sum(
+            max(c.cached_tokens for c in choices[i : i + n]) for i in range(0, len(choices), n)
+        )
         completion = sum(c.completion_tokens for c in choices)
         loops, positions = sum(c.loops for c in choices), sum(c.positions for c in choices)
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
             recurrence=RecurrenceUsage(
                 mean_depth=round(loops / positions, 4) if positions else 0.0, total_loops=loops
             ),
         )
 
-    # Non-streaming: the concatenation of the pieces ------------------------------------------------
-    async def complete(self, req: CompletionRequest) -> CompletionResponse:
+    async def start(self, req: CompletionRequest) -> list[Choice]:
+        """Prepare and submit: every check before any response starts."""
         choices = await self.prepare(req)
         self._submit(choices)
-        results: dict[int, CompletionChoice] = {}
+        return choices
+
+    # Non-streaming: the concatenation of the pieces ------------------------------------------------
+    async def gather(self, choices: list[Choice]) -> list[Result]:
+        """Every choice run to its end (cancelled with the caller, freeing its sequences); an
+        engine error is a 500."""
+        results: dict[int, Result] = {}
 
         async def one(choice: Choice) -> None:
             text, logp = [], Logprobs() if choice.logprobs is not None else None
@@ -401,9 +453,7 @@ class CompletionService:
                 text.append(piece.text)
                 if logp is not None:
                     _extend(logp, piece.logprobs)
-            results[choice.index] = CompletionChoice(index=choice.index, text="".join(text),
-                                                     logprobs=logp,
-                                                     finish_reason=choice.finish_reason)  # fmt: skip
+            results[choice.index] = Result(choice, "".join(text), logp)
 
         try:
             await asyncio.gather(*(one(c) for c in choices))
@@ -412,25 +462,58 @@ class CompletionService:
         for c in choices:
             if c.error:
                 raise APIError(500, c.error, "internal_error")
+        return [results[c.index] for c in choices]
+
+    async def complete(
+        self, req: CompletionRequest, record: dict | None = None
+    ) -> CompletionResponse:
+        choices = await self.start(req)
+        results = await self.gather(choices)
+        usage = self.usage(choices, req.n)
+        note_usage(record, usage)
         return CompletionResponse(
-            model=self.limits.model_name,
-            choices=[results[c.index] for c in choices],
-            usage=self._usage(choices, req.n),
-        )
+            id=self.response_id(record, "cmpl"),
+            model=req.model or self.limits.model_name,
+            choices=[CompletionChoice(index=r.choice.index, text=r.text, logprobs=r.logprobs,
+                                      finish_reason=r.choice.finish_reason) for r in results],
+            usage=usage,
+        )  # fmt: skip
+
+    @staticmethod
+    def response_id(record: dict | None, prefix: str) -> str:
+        """`<prefix>-<X-Request-Id>` when the client sent one (vLLM's), else a fresh id."""
+        given = (record or {}).get("request_id")
+        return f"{prefix}-{given}" if given else f"{prefix}-{uuid.uuid4().hex}"
 
     # Streaming: one event per piece -----------------------------------------------------------------
-    async def stream(self, req: CompletionRequest) -> AsyncIterator[str]:
+    async def stream(
+        self, req: CompletionRequest, record: dict | None = None
+    ) -> AsyncIterator[str]:
         """Server-sent events exactly as OpenAI / vLLM send them. Validation happens before the
         first byte, so errors still get a proper status code."""
-        choices = await self.prepare(req)
-        self._submit(choices)
+        choices = await self.start(req)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return self._events(choices, include_usage, req.n)
+        frame = {"id": self.response_id(record, "cmpl"), "object": "text_completion",
+                 "created": int(time.time()), "model": req.model or self.limits.model_name}  # fmt: skip
 
-    async def _events(
-        self, choices: list[Choice], include_usage: bool, n: int
+        def chunk(choice: Choice, piece: Piece) -> list[dict]:
+            logprobs = piece.logprobs.model_dump() if piece.logprobs else None
+            return [{**frame, "choices": [{"index": choice.index, "text": piece.text,
+                                           "logprobs": logprobs,
+                                           "finish_reason": piece.finish_reason}]}]  # fmt: skip
+
+        return self.events(choices, req.n, chunk, frame if include_usage else None, record)
+
+    async def events(
+        self,
+        choices: list[Choice],
+        n: int,
+        render: Callable[[Choice, Piece], list[dict]],
+        usage_frame: dict | None,
+        record: dict | None,
     ) -> AsyncIterator[str]:
-        cid, created = completion_id(), int(time.time())
+        """The SSE stream of started `choices`: `render` turns each piece into event bodies; a
+        last event carries the usage (with `usage_frame`'s fields) when asked; `[DONE]` ends it."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:
@@ -457,32 +540,35 @@ class CompletionService:
                     yield _sse({"error": {"message": choice.error, "type": "internal_error",
                                           "param": None, "code": None}})  # fmt: skip
                     continue
-                body = {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.limits.model_name,
-                    "choices": [
-                        {
-                            "index": choice.index,
-                            "text": piece.text,
-                            "logprobs": piece.logprobs.model_dump() if piece.logprobs else None,
-                            "finish_reason": piece.finish_reason,
-                        }
-                    ],
-                }
-                yield _sse(body)
-            if include_usage:
-                body = {"id": cid, "object": "text_completion", "created": created,
-                        "model": self.limits.model_name, "choices": [],
-                        "usage": self._usage(choices, n).model_dump()}  # fmt: skip
-                yield _sse(body)
+                for body in render(choice, piece):
+                    yield _sse(body)
+            usage = self.usage(choices, n)
+            note_usage(record, usage)
+            if usage_frame is not None:
+                yield _sse({**usage_frame, "choices": [], "usage": usage.model_dump()})
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._abort_unfinished(choices)
+
+
+@dataclass
+class Result:
+    """A choice run to its end, for a non-streamed response."""
+
+    choice: Choice
+    text: str
+    logprobs: Logprobs | None
+
+
+def note_usage(record: dict | None, usage: Usage) -> None:
+    """Tell the request's access-log line what the request cost."""
+    if record is not None:
+        record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                      cached_tokens=usage.prompt_tokens_details.cached_tokens,
+                      mean_depth=usage.recurrence.mean_depth)  # fmt: skip
 
 
 def _context_exceeded(max_context: int, what: str) -> APIError:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
+
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parcae_serve.server.api.completions import APIError
 from parcae_serve.server.api.routes import error_response
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"})
+GUARDED_PREFIX = "/v1/"  # as vLLM: the key guards the OpenAI API; probes, metrics and the
+# tokenizer endpoints stay open (lm-eval's remote tokenizer calls them without a key)
 
 
 class RequestGate:
@@ -16,17 +19,25 @@ class RequestGate:
     body over `max_body` gets 413, refused on its declared length or as soon as the bytes read
     exceed the cap, so neither a big body nor its JSON ever reaches memory or the event loop."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app: ASGIApp, api_keys: list[str], max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+        self.accepted = [f"Bearer {key}".encode() for key in api_keys]
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether the Authorization header carries one of the keys. Each key is compared in
+        constant time and all are compared, so timing tells neither a key nor which matched."""
+        given = (header or "").encode()
+        return sum(hmac.compare_digest(given, key) for key in self.accepted) > 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         if (
-            self.api_key
-            and scope["path"] not in OPEN_PATHS
-            and headers.get("authorization") != f"Bearer {self.api_key}"
+            self.accepted
+            and (scope["path"] + "/").startswith(GUARDED_PREFIX)
+            and scope["method"] != "OPTIONS"  # a CORS preflight carries no credentials
+            and not self.authorized(headers.get("authorization"))
         ):
             return await self._refuse(scope, receive, send, APIError(401, "invalid or missing API key",
                                       "authentication_error", code="invalid_api_key"))  # fmt: skip

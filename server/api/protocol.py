@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -119,10 +118,15 @@ class RecurrenceUsage(BaseModel):
     total_loops: int
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose K/V the prefix cache served")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     recurrence: RecurrenceUsage
 
 
@@ -141,12 +145,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-def completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
-
-
 class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=completion_id)
+    id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
@@ -159,8 +159,13 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    root: str = Field(description="the served model this name runs")
+    parent: str | None = Field(None, description="for ID@T<n> and ID@PRESET: ID")
     max_model_len: int
-    recurrence: dict[str, Any]
+    recurrence: dict[str, Any] = Field(
+        description="the looping settings this name stands for; on the served model's own "
+        "ids also its architecture, KV policy and measured compute-quality table"
+    )
 
 
 class ModelList(BaseModel):
@@ -183,6 +188,21 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
 
 
+class TokenizerInfo(BaseModel):
+    """What Hugging Face's tokenizer_config.json says, as vLLM's /tokenizer_info serves it (lm-eval's
+    remote tokenizer reads bos/eos/pad and the chat template from here)."""
+
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    add_bos_token: bool = Field(description="the server starts every prompt with BOS")
+    add_eos_token: bool = False
+    model_max_length: int
+    vocab_size: int
+    chat_template: str
+
+
 class DetokenizeResponse(BaseModel):
     prompt: str
 
@@ -196,3 +216,117 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
+
+
+# Chat completions (OpenAI's /v1/chat/completions as vLLM serves it) -----------------------------
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+# Chat fields that only a model with tools, images or structured output could honour: refused
+# with 400 (naming the field) unless they hold a value meaning "not used".
+CHAT_REFUSED_FIELDS: dict[str, tuple] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "continue_final_message": (None, False),
+    "documents": (None, []),
+    "echo": (None, False),
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    """The chat fields; sampling and looping fields mean what they mean in CompletionRequest.
+    Unknown fields are kept (`model_extra`) and judged as the completions endpoint does."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=0, description="deprecated by OpenAI")
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-1, le=2**62, description="-1: random")
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int = Field(default=-1, ge=-1)
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10)
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    return_tokens_as_token_ids: bool = False
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    # looping fields
+    recurrence_depth: int | None = Field(default=None, ge=1)
+    recurrence_exit: RecurrenceExitSpec | None = None
+    recurrence_warm_start: bool = False
+    kv_policy: str | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+    depth: int | None = Field(None, description="loops this token ran (this server's addition)")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+    tool_calls: list = Field(default_factory=list)
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None

@@ -19,15 +19,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parcae_serve.server.api.completions import APIError
 from parcae_serve.server.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
     Health,
+    ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
     Version,
 )
 from parcae_serve.server.api.state import ServerState
@@ -154,14 +158,46 @@ COMPLETION_OK = {
 )  # fmt: skip
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = serving(request)
-    service = state.service
+    service, record = state.service, access_record(request, body.model)
     try:
         if body.stream:
-            events = await service.stream(body)
+            events = await service.stream(body, record)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await _until_disconnect(request, service.complete(body))
+        return await _until_disconnect(request, service.complete(body, record))
     except QueueFull:
         raise queue_full() from None
+
+
+CHAT_OK = {
+    "model": ChatCompletionResponse,
+    "description": "the chat completion; with `stream: true`, server-sent events of "
+    "`chat.completion.chunk` objects ending `data: [DONE]`",
+    "content": {"text/event-stream": {"schema": SSE_EVENT}},
+}
+
+
+@router.post(
+    "/v1/chat/completions", response_model=None,
+    responses={200: CHAT_OK, **_errors(400, 401, 404, 413, 429, 503)},
+)  # fmt: skip
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    state = serving(request)
+    chat, record = state.chat, access_record(request, body.model)
+    try:
+        if body.stream:
+            events = await chat.stream(body, record)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return await _until_disconnect(request, chat.complete(body, record))
+    except QueueFull:
+        raise queue_full() from None
+
+
+def access_record(request: Request, model: str | None) -> dict | None:
+    """The access-log record of this request (filled in as the request runs)."""
+    record = getattr(request.state, "access", None)
+    if record is not None:
+        record["model"] = model or state_of(request).service.limits.model_name
+    return record
 
 
 async def _until_disconnect(request: Request, work) -> Response:
@@ -178,28 +214,30 @@ async def _until_disconnect(request: Request, work) -> Response:
 
 @router.get("/v1/models", responses=_errors(401, 503))
 async def models(request: Request) -> ModelList:
+    """Every name a request may send: the aliases (with the architecture, KV policy and the
+    measured compute-quality table), then `ID@PRESET` and `ID@T<n>` with the settings each
+    stands for."""
     state = serving(request)
     cfg, limits = state.engine.model.cfg, state.service.limits
-    recurrence = {
+    served = {
         "mean_recurrence": cfg.mean_recurrence,
+        "default_depth": limits.default_depth,
         "max_depth": limits.max_depth,
         "prelude": cfg.n_layers_in_prelude,
         "recurrent": cfg.n_layers_in_recurrent_block,
         "coda": cfg.n_layers_in_coda,
         "kv_policy": str(state.engine.cache.policy),
+        "presets": {name: p.given() for name, p in limits.models.presets.items()},
+        **(state.model_card.get("depth_table") or {}),
     }
-    table = state.model_card.get("depth_table")
-    if table:
-        recurrence.update(table)
-    card = {
-        "id": limits.model_name,
-        "object": "model",
-        "created": int(time.time()),
-        "owned_by": "parcae-serve",
-        "max_model_len": limits.max_context,
-        "recurrence": recurrence,
-    }
-    return ModelList(data=[card])
+    created = int(time.time())
+    cards = [
+        ModelCard(id=name, created=created, owned_by="parcae-serve", root=limits.model_name,
+                  parent=parent, max_model_len=limits.max_context,
+                  recurrence=served if parent is None else settings)
+        for name, parent, settings in limits.models.listed()
+    ]  # fmt: skip
+    return ModelList(data=cards)
 
 
 @router.get(
@@ -234,6 +272,21 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     tokens = encoded[0]
     return TokenizeResponse(
         tokens=tokens, count=len(tokens), max_model_len=state.service.limits.max_context
+    )
+
+
+@router.get("/tokenizer_info", responses=_errors(503))
+async def tokenizer_info(request: Request) -> TokenizerInfo:
+    state = serving(request)
+    tok = state.tokenizer
+    return TokenizerInfo(
+        bos_token=tok.special_text(tok.bos_id),
+        eos_token=tok.special_text(tok.eos_id),
+        pad_token=tok.special_text(tok.pad_id),
+        add_bos_token=tok.bos_id is not None,
+        model_max_length=state.service.limits.max_context,
+        vocab_size=state.service.limits.vocab_size,
+        chat_template=state.chat.template.source,
     )
 
 

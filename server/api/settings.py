@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from parcae_serve.server.api.served_models import parse_presets
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
 
 
@@ -23,8 +26,35 @@ class ServerSettings(BaseSettings):
     tokenizer: str | None = Field(
         None, description="directory with tokenizer.json, if the checkpoint has none"
     )
-    served_model_name: str | None = Field(
-        None, description="model id in the API (default: dir name)"
+    served_model_name: list[str] | None = Field(
+        None,
+        description="model ids the API answers to, the first one primary (several allowed, as "
+        "vLLM's; default: the checkpoint directory's name). Each also answers as ID@T<n> "
+        "(recurrence depth n) and ID@PRESET",
+    )
+    default_depth: int | None = Field(
+        None,
+        ge=1,
+        description="recurrence depth of a request that names none (default: the model's "
+        "mean_recurrence)",
+    )
+    preset: list[str] = Field(
+        default_factory=list,
+        description="named looping settings a request selects by model name ID@NAME: NAME=JSON "
+        'of the request\'s looping fields, e.g. fast={"recurrence_depth":2} or '
+        'adaptive={"recurrence_depth":12,"recurrence_exit":{"criterion":"kl","threshold":0.01}}; '
+        "repeatable",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja2 chat template file (Hugging Face chat_template format) for "
+        "/v1/chat/completions (default: the checkpoint's tokenizer_config.json chat_template, "
+        "else a plain 'role: content' template for base models)",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="CORS: browser origins allowed to call the API ('*' for any); none by "
+        "default, so no browser page can use a server it did not open to it",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="cuda when present, else cpu"
@@ -74,9 +104,14 @@ class ServerSettings(BaseSettings):
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")
-    api_key: str | None = Field(
-        None,
-        description="require 'Authorization: Bearer KEY' (all but /health, /metrics, /version)",
+    api_key: list[str] = Field(
+        default_factory=list,
+        description="require 'Authorization: Bearer KEY' on /v1/* (as vLLM: /health, /metrics, /version and "
+        "the tokenizer endpoints stay open); "
+        "repeatable: any of the keys is accepted",
+    )
+    api_key_file: str | None = Field(
+        None, description="file of accepted API keys, one per line (added to --api-key)"
     )
     max_request_bytes: int = Field(
         8 * 2**20, ge=1, description="largest request body; larger ones get 413 unread"
@@ -92,6 +127,20 @@ class ServerSettings(BaseSettings):
         ):
             raise ValueError("give depths as comma-separated positive integers, e.g. 4,8,12")
         return value
+
+    @field_validator("preset")
+    @classmethod
+    def _presets(cls, value: list[str]) -> list[str]:
+        parse_presets(value)  # raises ValueError naming the bad one
+        return value
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> ServerSettings:
+        if self.default_depth is not None and self.default_depth > self.max_depth:
+            raise ValueError(
+                f"--default-depth {self.default_depth} exceeds --max-depth {self.max_depth}"
+            )
+        return self
 
     @field_validator("kv_policy")
     @classmethod
@@ -111,15 +160,30 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     for name, field in ServerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"PARCAE_{name.upper()}"
-        default = "" if field.default is None else f"default: {field.default}; "
+        default = (
+            "" if field.default in (None, PydanticUndefined) else f"default: {field.default}; "
+        )
         help_text = f"{field.description} ({default}env {env})"
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+        if _is_list(field.annotation):  # repeatable, and several values after one flag
+            help_text = help_text.replace(f"env {env}", f"env {env} as a JSON list")
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text,
+                                action="extend", nargs="+")  # fmt: skip
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
     given = vars(parser.parse_args(argv))
     try:
         return ServerSettings(**given)
     except ValidationError as err:
         first = err.errors()[0]
-        parser.error(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
+        where = f"--{str(first['loc'][0]).replace('_', '-')}: " if first["loc"] else ""
+        parser.error(where + first["msg"].removeprefix("Value error, "))
+
+
+def _is_list(annotation: object) -> bool:
+    return list in (
+        typing.get_origin(annotation),
+        *map(typing.get_origin, typing.get_args(annotation)),
+    )
 
 
 def default_kv_bytes(device: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from parcae_serve.model.tokenizer import Tokenizer
+from parcae_serve.server.api.chat import ChatService
 from parcae_serve.server.api.completions import CompletionService
 from parcae_serve.server.api.settings import ServerSettings
 from parcae_serve.server.engine.engine import Engine
@@ -17,6 +18,7 @@ class ServerState:
     metrics: Metrics
     engine: Engine | None = None
     service: CompletionService | None = None
+    chat: ChatService | None = None
     tokenizer: Tokenizer | None = None
     model_card: dict | None = None
     ready: bool = False

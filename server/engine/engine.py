@@ -304,7 +304,7 @@ class Engine:
         self.scheduler.retire(seq)
         with self._pending_lock:
             self.pending -= 1
-        self.metrics.requests.labels(out.finish_reason).inc()
+        self.metrics.finished(out.finish_reason)
         self.metrics.e2e.observe(time.monotonic() - seq.arrival)
         if seq.first_token_at is not None and len(seq.output) > 1:
             tpot = (seq.last_token_at - seq.first_token_at) / (len(seq.output) - 1)

@@ -29,42 +29,56 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """Every series carries `model_name` (vLLM's label), so dashboards built for several
+    servers, or several models, keep them apart."""
+
+    def __init__(self, model_name: str = "") -> None:
         self.registry = r = CollectorRegistry()
-        p = "parcae_"
-        self.requests = Counter(
-            f"{p}requests", "Finished requests by status", ["status"], registry=r
+        self.model_name = model_name
+        p, m = "parcae_", ["model_name"]
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"{p}{name}", doc, m, registry=r).labels(model_name)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"{p}{name}", doc, m, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"{p}{name}", doc, m, buckets=buckets, registry=r).labels(model_name)
+
+        # vLLM's request_success_total{finished_reason}: stop | length | abort | error
+        self._requests = Counter(f"{p}requests", "Finished requests by finish reason",
+                                 [*m, "finished_reason"], registry=r)  # fmt: skip
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens received")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.loops = counter("recurrence_loops", "Recurrent-block loops run")
+        self.early_exits = counter("early_exits", "Tokens that exited early")
+        self.compiled_tokens = counter(
+            "compiled_decode_tokens", "Decode tokens run by a compiled graph"
         )
-        self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens received", registry=r)
-        self.generation_tokens = Counter(f"{p}generation_tokens", "Tokens generated", registry=r)
-        self.loops = Counter(f"{p}recurrence_loops", "Recurrent-block loops run", registry=r)
-        self.early_exits = Counter(f"{p}early_exits", "Tokens that exited early", registry=r)
-        self.compiled_tokens = Counter(
-            f"{p}compiled_decode_tokens", "Decode tokens run by a compiled graph", registry=r
+        self.prefix_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
         )
-        self.prefix_queries = Counter(f"{p}prefix_cache_queries", "Prefix lookups", registry=r)
-        self.prefix_hits = Counter(f"{p}prefix_cache_hits", "Prefix lookups that hit", registry=r)
-        self.preemptions = Counter(
-            f"{p}preemptions", "Sequences preempted for cache memory (swapped out)", registry=r
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.preemptions = counter(
+            "preemptions", "Sequences preempted for cache memory (swapped out)"
         )
-        self.running = Gauge(f"{p}requests_running", "Sequences being computed", registry=r)
-        self.waiting = Gauge(f"{p}requests_waiting", "Sequences waiting to start", registry=r)
-        self.kv_usage = Gauge(
-            f"{p}kv_cache_usage_ratio", "KV-cache bytes in use / pool", registry=r
-        )
-        self.kv_bytes = Gauge(f"{p}kv_cache_used_bytes", "KV-cache bytes in use", registry=r)
-        self.ttft = Histogram(f"{p}time_to_first_token_seconds", "Time to first token",
-                              buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
-        self.tpot = Histogram(f"{p}time_per_output_token_seconds", "Time per output token",
-                              buckets=TPOT_BUCKETS, registry=r)  # fmt: skip
-        self.e2e = Histogram(f"{p}e2e_request_latency_seconds", "Request latency",
-                             buckets=E2E_BUCKETS, registry=r)  # fmt: skip
-        self.queue_time = Histogram(f"{p}queue_time_seconds", "Time waiting before admission",
-                                    buckets=E2E_BUCKETS, registry=r)  # fmt: skip
-        self.depth = Histogram(f"{p}recurrence_depth", "Loops per token",
-                               buckets=DEPTH_BUCKETS, registry=r)  # fmt: skip
-        self.batch = Histogram(f"{p}batch_size", "Tokens per recurrent loop step",
-                               buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
+        self.running = gauge("requests_running", "Sequences being computed")
+        self.waiting = gauge("requests_waiting", "Sequences waiting to start")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "KV-cache bytes in use / pool")
+        self.kv_bytes = gauge("kv_cache_used_bytes", "KV-cache bytes in use")
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds", "Time per output token",
+                              TPOT_BUCKETS)  # fmt: skip
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency", E2E_BUCKETS)
+        self.queue_time = histogram("queue_time_seconds", "Time waiting before admission",
+                                    E2E_BUCKETS)  # fmt: skip
+        self.depth = histogram("recurrence_depth", "Loops per token", DEPTH_BUCKETS)
+        self.batch = histogram("batch_size", "Tokens per recurrent loop step", BATCH_BUCKETS)
+
+    def finished(self, reason: str) -> None:
+        """Count a finished request under its finish reason."""
+        self._requests.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

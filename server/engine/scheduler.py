@@ -45,13 +45,15 @@ class Scheduler:
             if not self.cache.ensure(table, len(seq.tokens) + 1):
                 self.cache.free(table)
                 break
-            self.cache.prefix_queries += queried
-            self.cache.prefix_hits += hit > 0
+            # in tokens, as vLLM counts them: prompt tokens looked up, and found
+            self.cache.prefix_queries += len(seq.tokens) if queried else 0
+            self.cache.prefix_hits += hit
             self.waiting.popleft()
             if seq.swapped is not None:  # resumes exactly where it was preempted
                 self.cache.swap_in(table, seq.swapped)
                 hit, seq.swapped = seq.swapped.positions, None
             elif hit:  # cached positions count in usage as in a cold run
+                seq.cached_tokens = hit
                 seq.prompt_depths = self.cache.cached_loops(table, hit)
                 seq.total_loops, seq.positions_run = sum(seq.prompt_depths), hit
             seq.table, seq.computed = table, hit

@@ -80,6 +80,7 @@ class Sequence:
         self.in_flight = False
         self.finished = False
         self.prompt_depths: list[int] = []
+        self.cached_tokens = 0  # prompt positions whose K/V came from the prefix cache
         self.total_loops = 0
         self.positions_run = 0
         self.prompt_scores: list[tuple[float, list[tuple[int, float]]]] = []

@@ -100,7 +100,9 @@ def test_bad_request_raises_api_error_with_server_message(
 
 def test_models_health_and_tokens(client: ParcaeClient) -> None:
     cards = client.models()
-    assert len(cards) == 1 and "mean_recurrence" in cards[0].recurrence
+    assert cards[0].parent is None and "mean_recurrence" in cards[0].recurrence
+    depth_names = {c.id: c.recurrence for c in cards if c.parent == cards[0].id}
+    assert depth_names[f"{cards[0].id}@T2"] == {"recurrence_depth": 2}
     assert client.health() == "ok"
     tokens = client.tokenize(PROMPT)
     assert tokens and all(isinstance(t, int) for t in tokens)

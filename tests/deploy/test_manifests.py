@@ -209,7 +209,7 @@ def test_every_flag_used_is_one_the_server_has() -> None:
 
 
 def test_every_metric_referenced_is_served(live_server: str) -> None:
-    # one finished request, so labelled series (parcae_requests_total{status}) exist
+    # one finished request, so labelled series (parcae_requests_total{finished_reason}) exist
     body = {"prompt": "x = 1\n", "max_tokens": 2}
     assert httpx.post(f"{live_server}/v1/completions", json=body, timeout=60).status_code == 200
     exposed = httpx.get(f"{live_server}/metrics", timeout=10).text

@@ -53,6 +53,13 @@ def stream_as_response(url: str, body: dict) -> dict:
     return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
 
 
+def same_usage(a: dict, b: dict) -> bool:
+    """Equal usage, except how much of the prompt the prefix cache served (the second run of a
+    prompt finds the first one's blocks)."""
+    drop = "prompt_tokens_details"
+    return {k: v for k, v in a.items() if k != drop} == {k: v for k, v in b.items() if k != drop}
+
+
 def assert_offsets_index_the_text(choice: dict, specials: tuple[str, ...] = ()) -> None:
     """Every text_offset points into the returned text, where that token's text is."""
     text, lp = choice["text"], choice["logprobs"]
@@ -135,7 +142,8 @@ def test_byte_pieces_get_unique_keys_with_their_own_values(live_server: str) -> 
     assert_top_logprobs_consistent(choice, 8)
     assert_offsets_index_the_text(choice, specials=("<|bos|>",))
     by_id = complete(live_server, {**body, "return_tokens_as_token_ids": True})["choices"][0]
-    ids = httpx.post(f"{live_server}/tokenize", json={"prompt": UNICODE * 2}).json()["tokens"]
+    body_ids = {"prompt": UNICODE * 2, "add_special_tokens": False}  # the added BOS is not echoed
+    ids = httpx.post(f"{live_server}/tokenize", json=body_ids).json()["tokens"]
     assert by_id["logprobs"]["tokens"][: len(ids)] == [f"token_id:{t}" for t in ids]
     assert by_id["logprobs"]["token_logprobs"] == lp["token_logprobs"]
     for named, numbered in zip(lp["top_logprobs"], by_id["logprobs"]["top_logprobs"], strict=True):
@@ -148,9 +156,11 @@ def test_byte_pieces_get_unique_keys_with_their_own_values(live_server: str) -> 
 def test_logprobs_zero_gives_the_sampled_tokens_entry(builtin_server: str) -> None:
     body = {"prompt": CODE, "max_tokens": 6, "temperature": 0, "logprobs": 0, "echo": True}
     lp = complete(builtin_server, body)["choices"][0]["logprobs"]
-    assert lp["top_logprobs"][0] is None
-    for token, value, top in list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
-                                      strict=True))[1:]:  # fmt: skip
+    # the server's BOS is not echoed, so even the prompt's first token is scored (after BOS)
+    assert lp["tokens"][0] == "import" and lp["token_logprobs"][0] is not None
+    for token, value, top in zip(
+        lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
+    ):
         assert top == {token: value}
 
 
@@ -170,7 +180,7 @@ def test_stream_equals_non_stream(builtin_server, echo, logprobs, n, stop, max_t
         body["stop"] = [text["text"][3:5] or "\n", "never seen"]
     whole = complete(builtin_server, body)
     streamed = stream_as_response(builtin_server, body)
-    assert streamed["usage"] == whole["usage"]
+    assert same_usage(streamed["usage"], whole["usage"])
     assert_same(streamed["choices"], whole["choices"])
     assert len(whole["choices"]) == n
     if echo and isinstance(body["prompt"], str):
@@ -187,7 +197,7 @@ def test_stream_equals_non_stream_through_byte_pieces(live_server: str, seed: in
     whole = complete(live_server, body)
     streamed = stream_as_response(live_server, body)
     assert_same(streamed["choices"], whole["choices"])
-    assert streamed["usage"] == whole["usage"]
+    assert same_usage(streamed["usage"], whole["usage"])
     for choice in whole["choices"]:
         assert_offsets_index_the_text(choice, specials=("<|bos|>", "<|eos|>"))
     if len(text) >= 8:
@@ -275,9 +285,25 @@ def test_seed_minus_one_means_random(builtin_server: str) -> None:
     assert post(builtin_server, {**body, "seed": -2}).status_code == 400
 
 
-def test_add_special_tokens_false_drops_bos(live_server: str) -> None:
+def test_every_prompt_starts_with_bos_unless_told_not_to(live_server: str) -> None:
+    """add_special_tokens (default true) puts BOS before text and token prompts alike, unless the
+    ids already start with it; the server's BOS is counted in usage but never echoed."""
     body = {"prompt": "x = 1", "max_tokens": 0, "echo": True, "logprobs": 0}
-    with_bos = complete(live_server, body)["choices"][0]["logprobs"]["tokens"]
+    text = complete(live_server, body)["choices"][0]
+    bare = httpx.post(
+        f"{live_server}/tokenize", json={"prompt": "x = 1", "add_special_tokens": False}
+    )
+    ids = bare.json()["tokens"]
+    by_ids = complete(live_server, {**body, "prompt": ids})
+    bos_first = complete(live_server, {**body, "prompt": [0, *ids]})  # the client's own BOS
     without = complete(live_server, {**body, "add_special_tokens": False})
-    assert with_bos[0] == "<|bos|>"
-    assert without["choices"][0]["logprobs"]["tokens"] == with_bos[1:]
+    lp = text["logprobs"]
+    assert lp["tokens"][0] == "x" and lp["token_logprobs"][0] is not None  # scored after BOS
+    assert by_ids["choices"][0]["logprobs"] == lp  # lm-eval's two modes score the same
+    assert by_ids["usage"]["prompt_tokens"] == len(ids) + 1
+    assert bos_first["choices"][0]["logprobs"]["tokens"][0] == "<|bos|>"  # the client's: echoed
+    assert bos_first["choices"][0]["logprobs"]["token_logprobs"][1:] == lp["token_logprobs"]
+    assert bos_first["usage"]["prompt_tokens"] == len(ids) + 1
+    off = without["choices"][0]["logprobs"]
+    assert off["tokens"] == lp["tokens"] and off["token_logprobs"][0] is None
+    assert without["usage"]["prompt_tokens"] == len(ids)

@@ -34,11 +34,16 @@ def greedy(client: openai.OpenAI, depth: int, **kw):
     )  # fmt: skip
 
 
-def metric(url: str, name: str) -> float:
+def metric(url: str, name: str, reason: str | None = None) -> float:
+    """A series' value (0 if it does not exist yet): `name` with any model_name label, and
+    finished_reason=`reason` if given."""
     text = httpx.get(f"{url}/metrics").text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    labels = rf'\{{(finished_reason="{reason}",)?model_name="[^"]*"\}}'
+    match = re.search(rf"^{re.escape(name)}{labels} (\S+)$", text, re.M)
+    if reason is not None and (match is None or "finished_reason" not in match[0]):
+        return 0.0
     assert match, name
-    return float(match.group(1))
+    return float(match.group(2))
 
 
 # Completions ----------------------------------------------------------------------------------
@@ -134,10 +139,9 @@ def test_echo_with_zero_max_tokens_scores_the_prompt(client: openai.OpenAI, live
     )
     lp = out.choices[0].logprobs
     assert out.choices[0].text == PROMPT
-    assert len(lp.token_logprobs) == len(ids)
-    assert lp.token_logprobs[0] is None
-    assert all(v < 0 for v in lp.token_logprobs[1:])
-    assert out.usage.completion_tokens == 0
+    assert len(lp.token_logprobs) == len(ids) - 1  # the server's BOS is not echoed
+    assert all(v < 0 for v in lp.token_logprobs)  # every prompt token scored, the first after BOS
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
 
 
 def test_logprobs_carry_top_alternatives_and_depths(client: openai.OpenAI) -> None:
@@ -186,8 +190,7 @@ def test_mixed_depths_in_one_batch_match_each_alone(live_server: str, client) ->
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(live_server: str) -> None:
-    aborted = metric(live_server, 'parcae_requests_total{status="abort"}') if "abort" in httpx.get(
-        f"{live_server}/metrics").text else 0.0  # fmt: skip
+    aborted = metric(live_server, "parcae_requests_total", "abort")
     body = {"prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{live_server}/v1/completions", json=body) as r:
         for i, _ in enumerate(r.iter_lines()):
@@ -195,17 +198,16 @@ def test_client_disconnect_mid_stream_frees_the_slot(live_server: str) -> None:
                 break
     assert wait_for(lambda: metric(live_server, "parcae_requests_running") == 0)
     assert wait_for(lambda: metric(live_server, "parcae_kv_cache_used_bytes") == 0)
-    assert metric(live_server, 'parcae_requests_total{status="abort"}') == aborted + 1
+    assert metric(live_server, "parcae_requests_total", "abort") == aborted + 1
 
 
 def test_client_gone_before_a_non_streaming_answer_frees_the_slot(live_server: str) -> None:
-    text = httpx.get(f"{live_server}/metrics").text
-    aborted = metric(live_server, 'parcae_requests_total{status="abort"}') if "abort" in text else 0
+    aborted = metric(live_server, "parcae_requests_total", "abort")
     body = {"prompt": PROMPT, "max_tokens": 450, "ignore_eos": True, "recurrence_depth": 16}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live_server}/v1/completions", json=body, timeout=0.5)
     assert wait_for(lambda: metric(live_server, "parcae_requests_running") == 0)
-    assert metric(live_server, 'parcae_requests_total{status="abort"}') == aborted + 1
+    assert metric(live_server, "parcae_requests_total", "abort") == aborted + 1
     assert wait_for(lambda: metric(live_server, "parcae_kv_cache_used_bytes") == 0)
 
 
@@ -358,7 +360,7 @@ def test_max_tokens_is_clipped_to_the_context(client: openai.OpenAI) -> None:
         model=model_id(client), prompt=[5] * 500, max_tokens=100, temperature=0,
         extra_body={"ignore_eos": True, "recurrence_depth": 1},
     )  # fmt: skip
-    assert out.usage.completion_tokens == 12  # block_size 512 - 500 prompt tokens
+    assert out.usage.completion_tokens == 11  # block_size 512 - (BOS + 500 prompt tokens)
     assert out.choices[0].finish_reason == "length"
 
 
@@ -371,8 +373,8 @@ def test_unknown_route_and_method_use_the_error_body(live_server: str) -> None:
 
 def test_models_health_version(live_server: str) -> None:
     card = httpx.get(f"{live_server}/v1/models").json()["data"][0]
-    assert card["recurrence"] == {"mean_recurrence": 3, "max_depth": 32, "prelude": 1,
-                                  "recurrent": 2, "coda": 1, "kv_policy": "per-loop",
-                                  "kv_policy_reason": "set by --kv-policy"}  # fmt: skip
+    assert card["recurrence"] == {"mean_recurrence": 3, "default_depth": 3, "max_depth": 32,
+                                  "prelude": 1, "recurrent": 2, "coda": 1, "kv_policy": "per-loop",
+                                  "kv_policy_reason": "set by --kv-policy", "presets": {}}  # fmt: skip
     assert httpx.get(f"{live_server}/health").json() == {"status": "ok"}
     assert httpx.get(f"{live_server}/version").json()["version"]

@@ -15,7 +15,7 @@ from parcae_serve.server.engine.runner import NOISE_STRIDE
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit
-from tests.helpers import outputs_together, random_model
+from tests.helpers import outputs_together, prefix_hit_tokens, random_model
 
 NOISY = ParcaeConfig(
     n_embd=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
@@ -137,16 +137,17 @@ def test_prefix_hit_equals_a_cold_run(policy: str) -> None:
         cold_out = eng.generate_sync(request())
         hits, cold_loops = eng.cache.prefix_hits, loops()
         warm_out = eng.generate_sync(request())
-        assert eng.cache.prefix_hits == hits + 1
+        assert prefix_hit_tokens(eng.cache, hits) == (len(PROMPT) - 1) // 4 * 4
         assert loops() - cold_loops == 10 * 5  # only the last prompt token and 9 fed back
         assert_same(result(warm_out), result(cold_out))
         usage = [(o[-1].positions, o[-1].total_loops) for o in (warm_out, cold_out)]
         assert usage[0] == usage[1]  # cached positions count as in a cold run
         # a longer prompt sharing the prefix equals its own cold run on a fresh engine
         longer = [*PROMPT, 5, 6, 7, 8, 9, 10]
+        hits = eng.cache.prefix_hits
         assert_same(result(eng.generate_sync(request(longer))),
                     result(fresh.generate_sync(request(longer))))  # fmt: skip
-        assert eng.cache.prefix_hits == hits + 2
+        assert prefix_hit_tokens(eng.cache, hits) > 0
     finally:
         eng.stop()
         fresh.stop()
@@ -159,7 +160,7 @@ def test_prefix_blocks_are_shared_across_policies() -> None:
         shared = LoopSlotPolicy.parse("shared:1")
         hits = eng.cache.prefix_hits
         got = result(eng.generate_sync(request(policy=shared)))
-        assert eng.cache.prefix_hits == hits + 1
+        assert prefix_hit_tokens(eng.cache, hits) > 0
         assert_same(got, result(fresh.generate_sync(request(policy=shared))))
     finally:
         eng.stop()
@@ -174,7 +175,7 @@ def test_prefix_hit_with_exits_equals_a_cold_run() -> None:
         eng.generate_sync(req)
         hits = eng.cache.prefix_hits
         warm = eng.generate_sync(req)
-        assert eng.cache.prefix_hits == hits + 1
+        assert prefix_hit_tokens(eng.cache, hits) > 0
         cold = fresh.generate_sync(req)
         assert [(o.token, o.depth) for o in warm] == [(o.token, o.depth) for o in cold]
     finally:

@@ -13,8 +13,15 @@ from tests.conftest import running_server
 METRIC = re.compile(r"^(parcae_[a-z0-9_]+(?:\{[^}]*\})?) (\S+)$", re.M)
 
 
+MODEL_LABEL = re.compile(r'model_name="[^"]*",?')
+
+
 def scrape(url: str) -> dict[str, float]:
-    return {m[1]: float(m[2]) for m in METRIC.finditer(httpx.get(f"{url}/metrics").text)}
+    """Series -> value, keyed without the model_name label every series carries."""
+    text = httpx.get(f"{url}/metrics").text
+    assert all('model_name="tiny-parcae' in m[1] for m in METRIC.finditer(text))
+    return {MODEL_LABEL.sub("", m[1]).replace("{}", "").replace(",}", "}"): float(m[2])
+            for m in METRIC.finditer(text)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,75 @@
+"""Request ids and the access log: the outermost layer, so it sees every request, 401 and 413
+included.
+
+Each request gets an id: the client's `X-Request-Id` if it is sane (printable ASCII, at most
+128 characters; vLLM's header), else a fresh one. It is echoed as `X-Request-Id` on the response,
+names the completion (`cmpl-<id>`, `chatcmpl-<id>`), and starts the request's log line, written
+once the response has ended:
+
+    req=<id> POST /v1/completions 200 prompt=12 cached=0 completion=16 depth=6.00 model=m 41.2ms
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("parcae.access")
+MAX_ID_CHARS = 128
+RECORD_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "mean_depth", "model")
+
+
+def request_id(given: str | None) -> str:
+    """The client's id if it is safe to echo into headers, ids and logs, else a fresh one."""
+    if given and len(given) <= MAX_ID_CHARS and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+class AccessLog:
+    """Pure ASGI middleware. The route fills `request.state.access` (a dict) with what the
+    request cost; this writes it out with the status and the time taken."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        rid = request_id(Headers(scope=scope).get("x-request-id"))
+        record: dict = {"request_id": rid}
+        scope.setdefault("state", {})["access"] = record
+        status = 500  # if the app fails before it answers
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["x-request-id"] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._write(scope, status, record, time.perf_counter() - started)
+        return None
+
+    @staticmethod
+    def _write(scope: Scope, status: int, record: dict, seconds: float) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        parts = [f"req={record['request_id']}", scope["method"], scope["path"], str(status)]
+        for key in RECORD_FIELDS:
+            if key in record:
+                value = record[key]
+                name = key.removesuffix("_tokens").removeprefix("mean_")
+                parts.append(
+                    f"{name}={value:.2f}" if isinstance(value, float) else f"{name}={value}"
+                )
+        parts.append(f"{seconds * 1000:.1f}ms")
+        log.info(" ".join(parts))

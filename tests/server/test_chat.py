@@ -1,0 +1,140 @@
+"""/v1/chat/completions over real HTTP with the official openai SDK: OpenAI's schema (checked by the
+SDK's own types), streaming that equals the non-streamed answer, the template, depth by name."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+MESSAGES = [{"role": "system", "content": "You write Python."},
+            {"role": "user", "content": "def parse(text):"}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def client(live_server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live_server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def raw_chat(url: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+
+def test_chat_response_matches_openai_schema(live_server: str, model: str) -> None:
+    body = {"model": model, "messages": MESSAGES, "max_completion_tokens": 10, "temperature": 0,
+            "logprobs": True, "top_logprobs": 3}  # fmt: skip
+    r = raw_chat(live_server, body)
+    assert r.status_code == 200, r.text
+    out = ChatCompletion.model_validate(r.json())  # the SDK's types, not its lenient construct
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 10 == len(choice.logprobs.content)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 10
+    joined = b"".join(bytes(t.bytes) for t in choice.logprobs.content)
+    assert joined.decode("utf-8", "replace") == choice.message.content  # exact bytes per token
+
+    for t in choice.logprobs.content:
+        assert len(t.top_logprobs) == 3
+        assert [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True
+        )
+        assert t.logprob <= t.top_logprobs[0].logprob + 1e-6  # greedy picks the most likely
+
+
+def test_chat_stream_equals_non_stream(client: openai.OpenAI, model: str) -> None:
+    kw = {
+        "model": model,
+        "messages": MESSAGES,
+        "max_completion_tokens": 12,
+        "temperature": 0.8,
+        "seed": 7,
+    }
+    full = client.chat.completions.create(**kw)
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    for c in chunks:
+        ChatCompletionChunk.model_validate(c.model_dump())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == [full.choices[0].finish_reason]
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    )
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_prompt_is_the_default_template(live_server: str, model: str) -> None:
+    """A base model without a template gets '<bos>role: content' blocks and 'assistant:'."""
+    chat = raw_chat(
+        live_server, {"model": model, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    ).json()
+    prompt = "<|bos|>system: You write Python.\n\nuser: def parse(text):\n\nassistant:"
+    plain = httpx.post(f"{live_server}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
+                       "temperature": 0, "add_special_tokens": False}, timeout=60).json()  # fmt: skip
+    assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+    assert chat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+
+
+def test_depth_by_model_name_in_chat_and_completions(client: openai.OpenAI, model: str) -> None:
+    chat = client.chat.completions.create(model=f"{model}@T2", messages=MESSAGES, max_tokens=4)
+    assert chat.model == f"{model}@T2"
+    assert chat.usage.model_extra["recurrence"]["mean_depth"] == 2.0
+    done = client.completions.create(model=f"{model}@T5", prompt="import os\n", max_tokens=4)
+    assert done.usage.model_extra["recurrence"]["mean_depth"] == 5.0
+    explicit = client.completions.create(model=f"{model}@T5", prompt="import os\n", max_tokens=4,
+                                         extra_body={"recurrence_depth": 3})  # fmt: skip
+    assert explicit.usage.model_extra["recurrence"]["mean_depth"] == 3.0  # the field wins
+    listed = {m.id for m in client.models.list().data}
+    assert {model, f"{model}@T1", f"{model}@T2"} <= listed
+
+
+@pytest.mark.parametrize(
+    ("suffix", "status"), [("@T0", 404), ("@fast", 404), ("@T999", 400), ("x", 404)]
+)
+def test_bad_model_names_are_refused(
+    live_server: str, model: str, suffix: str, status: int
+) -> None:
+    r = raw_chat(live_server, {"model": model + suffix, "messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] in ("model", "recurrence_depth")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+     ({"messages": []}, "messages"),
+     ({"top_logprobs": 2}, "top_logprobs"),
+     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+     ({"response_format": {"type": "json_object"}}, "response_format")],
+)  # fmt: skip
+def test_chat_refuses_what_it_cannot_do(
+    live_server: str, model: str, extra: dict, param: str
+) -> None:
+    r = raw_chat(live_server, {"model": model, "messages": MESSAGES, "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"] or "").startswith(param)
+
+
+def test_fields_the_chat_endpoint_sets_itself_cannot_collide(live_server: str, model: str) -> None:
+    """Found by the schema fuzzer: a client's return_tokens_as_token_ids or stray `prompt` must
+    not reach the completions request twice (a 500)."""
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 2, "logprobs": True,
+            "return_tokens_as_token_ids": True, "prompt": "ignored", "add_special_tokens": True}  # fmt: skip
+    r = raw_chat(live_server, body)
+    assert r.status_code == 200, r.text
+    assert all(
+        t["token"].startswith("token_id:") for t in r.json()["choices"][0]["logprobs"]["content"]
+    )
