@@ -3,10 +3,19 @@
     python -m parcae_serve.model.train --minutes 60 --out model/builtin/parcae-stdlib
 
 Corpus: every `.py` file of the stdlib (no site-packages), split by file into train / held-out.
-Tokenizer: byte-level BPE trained on the train split. Depth sampling as in the paper: each step
-draws a total depth T ~ Poisson(mean_recurrence) (>= 1) and differentiates only the last
-`mean_backprop_depth` loops. The learning-rate schedule runs on wall-clock time, so the run ends
-on time whatever the machine's speed.
+Tokenizer: byte-level BPE trained on the train split. Windows are as long as the context the
+server advertises (`block_size`, 1024), so served positions are trained positions.
+
+Depth is drawn per sequence, as in the paper, from a log-normal Poisson (Huginn's sampler,
+Geiping et al. 2025, arXiv 2502.05171 sec. 3.3: tau ~ N(log mu - sigma^2/2, sigma),
+T ~ Poisson(e^tau), here clipped to [1, 4 mu]): its heavier tail puts enough mass at deep T
+that the model learns to hold its state there instead of drifting. Only the last
+`backprop_depth` loops of each sequence are differentiated (truncated backprop). Sequences are
+run right-aligned (every one ends on the same loop) and sorted deepest first, so each loop runs
+only the rows still looping: a batch costs the sum of its depths, not its maximum.
+
+The learning-rate schedule runs on wall-clock time, so the run ends on time whatever the
+machine's speed.
 """
 
 from __future__ import annotations
@@ -23,12 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from parcae_serve.model.config import ParcaeConfig
 from parcae_serve.model.depth_curve import fit_saturating_law
 from parcae_serve.model.loading import save_checkpoint
-from parcae_serve.model.parcae import Parcae
+from parcae_serve.model.parcae import CausalContext, Parcae
 from parcae_serve.model.tokenizer import Tokenizer
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>"]  # ids 0 / 1 / 2, as the released tokenizer reports
@@ -46,9 +55,10 @@ class TrainSettings:
     coda: int = 1
     mu_rec: int = 6
     backprop_depth: int = 3
-    max_depth: int = 16
-    seq: int = 256
-    batch: int = 16
+    depth_sigma: float = 0.5  # log-normal spread of the per-sequence depth (0: plain Poisson)
+    max_depth: int = 24  # 4 * mu_rec
+    seq: int = 1024
+    batch: int = 4
     lr: float = 2e-3
     heldout_fraction: float = 0.05
     eval_tokens: int = 32_768
@@ -83,6 +93,32 @@ def train_tokenizer(texts: list[str], vocab: int) -> HFTokenizer:
     )
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def write_tokenizer_files(directory: Path, context: int) -> None:
+    """Make `directory/tokenizer.json` what Hugging Face tools expect beside a checkpoint: a
+    post-processor that starts every encoding with BOS (as the server does), and a
+    tokenizer_config.json naming bos/eos/pad, add_bos_token and the context length."""
+    path = directory / "tokenizer.json"
+    tok = HFTokenizer.from_file(str(path))
+    bos, eos, pad = SPECIALS
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B:1",
+        special_tokens=[(bos, tok.token_to_id(bos))],
+    )
+    tok.save(str(path))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": context,
+        "clean_up_tokenization_spaces": False,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def encode_corpus(tok: Tokenizer, texts: list[str]) -> torch.Tensor:
@@ -134,9 +170,37 @@ def init_weights(model: Parcae, seed: int) -> None:
             torch.nn.init.normal_(p, 0.0, 1.0 / math.sqrt(d) if p.dim() > 1 else 0.02, generator=g)
 
 
-def sample_depth(mu: int, cap: int, g: torch.Generator) -> int:
-    total = int(torch.poisson(torch.tensor([float(mu)]), generator=g).item())
-    return max(1, min(total, cap))
+def sample_depths(mu: int, sigma: float, cap: int, n: int, g: torch.Generator) -> list[int]:
+    """`n` per-sequence depths from a log-normal Poisson with mean `mu`, clipped to [1, cap]."""
+    tau = torch.randn(n, generator=g) * sigma + (math.log(mu) - sigma**2 / 2)
+    total = torch.poisson(tau.exp(), generator=g).long()
+    return total.clamp(1, cap).tolist()
+
+
+def forward_per_sequence(
+    model: Parcae, ids: torch.Tensor, depths: list[int], g: torch.Generator, backprop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training forward where row i loops `depths[i]` times; returns (logits, row order).
+
+    Rows are sorted deepest first and right-aligned, so at loop t the rows still looping are a
+    prefix h[:n_t]; the last `backprop` loops (the same for every row) carry gradients."""
+    order = torch.tensor(depths).argsort(descending=True, stable=True)
+    ids = ids[order]
+    depth = torch.tensor(depths)[order]
+    B, L = ids.shape
+    positions = torch.arange(L).expand(B, L)
+    rots, ctx = model.rotations(positions), CausalContext()
+    e = model.prelude(ids, rots, ctx)
+    prepared = model.transformer["adapter"].prepare(e)
+    h = model.initial_state(B, L, [g] * B, e)
+    deepest = int(depth[0])
+    for t in range(deepest):
+        n = int((depth >= deepest - t).sum())
+        with torch.set_grad_enabled(t >= deepest - backprop):
+            part = {hd: r[:n] for hd, r in rots.items()}
+            stepped = model.core(h[:n], prepared[:n], ids[:n], part, ctx, t)
+        h = stepped if n == B else torch.cat([stepped, h[n:]])
+    return model.coda(h, ids, rots, ctx), order
 
 
 @torch.no_grad()
@@ -175,6 +239,7 @@ def train(s: TrainSettings) -> None:
 
     s.out.mkdir(parents=True, exist_ok=True)
     train_tokenizer(train_texts, s.vocab).save(str(s.out / "tokenizer.json"))
+    write_tokenizer_files(s.out, max(1024, s.seq))
     tok = Tokenizer.from_dir(s.out)
     train_ids, held_ids = encode_corpus(tok, train_texts), encode_corpus(tok, held_texts)
     log(f"tokens: {len(train_ids):,} train, {len(held_ids):,} held-out")
@@ -193,39 +258,59 @@ def train(s: TrainSettings) -> None:
         starts = torch.randint(0, len(train_ids) - s.seq - 1, (s.batch,), generator=g)
         x = torch.stack([train_ids[i : i + s.seq] for i in starts])
         y = torch.stack([train_ids[i + 1 : i + s.seq + 1] for i in starts])
-        depth = sample_depth(s.mu_rec, s.max_depth, g)
-        logits = model(x, depth, g, backprop_depth=s.backprop_depth)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        depths = sample_depths(s.mu_rec, s.depth_sigma, s.max_depth, s.batch, g)
+        logits, order = forward_per_sequence(model, x, depths, g, s.backprop_depth)
+        loss = F.cross_entropy(logits.flatten(0, 1), y[order].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step, seen = step + 1, seen + x.numel()
         if step % 50 == 0:
-            log(f"step {step} tokens {seen:,} T={depth} loss {loss.item():.4f} {elapsed / 60:.1f}m")
-        if step % 500 == 0:
-            pair = {t: heldout_loss(model, held_ids, t, s.seq, 8192) for t in (1, s.mu_rec)}
+            log(
+                f"step {step} tokens {seen:,} T={depths} loss {loss.item():.4f} {elapsed / 60:.1f}m"
+            )
+        if step % 250 == 0:
+            probe = (1, s.mu_rec, 4 * s.mu_rec)
+            pair = {t: heldout_loss(model, held_ids, t, s.seq, 8192) for t in probe}
             curve.append({"step": step, "tokens": seen, **{f"T{t}": v for t, v in pair.items()}})
             log(f"held-out (8k tokens) {pair}")
 
-    depths = sorted({1, 2, 4, s.mu_rec, 2 * s.mu_rec, 4 * s.mu_rec})
-    table = {t: heldout_loss(model, held_ids, t, s.seq, s.eval_tokens) for t in depths}
-    log(f"held-out loss by depth: {table}")
+    train_minutes = round((time.time() - start) / 60, 1)
+    save_checkpoint(model, s.out, dtype=torch.bfloat16)
+    table = loss_table(model, held_ids, s)
+    log(f"held-out loss by depth and context: {table}")
     save_checkpoint(model, s.out, dtype=torch.bfloat16)
     report = {
         "steps": step,
         "train_tokens": seen,
-        "minutes": round((time.time() - start) / 60, 1),
+        "minutes": train_minutes,
         "train_files": len(train_files),
         "heldout_files": len(held_files),
         "heldout_tokens": min(s.eval_tokens, len(held_ids)),
-        "loss_by_depth": {str(t): round(v, 4) for t, v in table.items()},
-        "fit": fit_saturating_law(list(table), list(table.values())),
+        "eval_contexts": list(table),
+        "loss_by_depth": {str(t): round(v, 4) for t, v in table[s.seq].items()},
+        "loss_by_depth_and_context": {
+            str(c): {str(t): round(v, 4) for t, v in row.items()} for c, row in table.items()
+        },
+        "fit": fit_saturating_law(list(table[s.seq]), list(table[s.seq].values())),
         "curve_during_training": curve,
         "settings": {k: str(v) for k, v in vars(s).items()},
     }
     (s.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     log("saved", s.out)
+
+
+def loss_table(model: Parcae, held: torch.Tensor, s: TrainSettings) -> dict[int, dict[int, float]]:
+    """Held-out NLL at T = 1, 2, 4, mu, 2mu, 4mu, 8mu over the same tokens cut into windows of
+    256 and of the trained length: {context: {T: nll}}. Evaluated from the bf16 weights that ship."""
+    shipped = Parcae(model.cfg)
+    shipped.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
+    depths = sorted({1, 2, 4, s.mu_rec, 2 * s.mu_rec, 4 * s.mu_rec, 8 * s.mu_rec})
+    contexts = sorted({256, s.seq})
+    return {
+        c: {t: heldout_loss(shipped, held, t, c, s.eval_tokens) for t in depths} for c in contexts
+    }
 
 
 def log(*args: object) -> None:
