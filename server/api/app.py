@@ -14,6 +14,7 @@ import torch
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from parcae_serve.model.exit_probe import load_exit_probe
 from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.model.tokenizer import Tokenizer
@@ -127,7 +128,8 @@ def build(state: ServerState) -> None:
         eos_id=tokenizer.eos_id,
         compile=compile_mode(s.compile, device),
     )
-    engine = Engine(model, engine_cfg, state.metrics)
+    probe = load_exit_probe(model_dir, device)
+    engine = Engine(model, engine_cfg, state.metrics, probe)
     depths = [int(d) for d in s.compile_depths.split(",")] if s.compile_depths else [default_depth]
     started = time.monotonic()
     engine.compile_decode([d for d in depths if d <= s.max_depth])

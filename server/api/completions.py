@@ -156,6 +156,9 @@ class CompletionService:
             if spec.min_depth > depth:
                 message = f"recurrence_exit.min_depth ({spec.min_depth}) exceeds depth {depth}"
                 raise APIError(400, message, param="recurrence_exit.min_depth")
+            if spec.criterion == "learned" and self.engine.runner.exit_probe is None:
+                raise APIError(400, "this model has no learned exit probe (write one with "
+                               "`parcae calibrate`)", param="recurrence_exit.criterion")  # fmt: skip
             rule = RecurrenceExit(spec.criterion, spec.threshold, spec.min_depth)
         loops = LoopParams(depth, rule, req.recurrence_warm_start, self._policy(req, depth))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ErrorBody(BaseModel):
@@ -21,9 +21,19 @@ class ErrorResponse(BaseModel):
 
 class RecurrenceExitSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    criterion: Literal["kl", "residual"]
+    criterion: Literal["kl", "residual", "learned"] = Field(
+        description="kl: successive loops' next-token distributions; residual: relative state "
+        "change; learned: the checkpoint's exit probe (parcae calibrate), threshold = the "
+        "probability that more loops would not help"
+    )
     threshold: float = Field(ge=0)
     min_depth: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _probability(self) -> RecurrenceExitSpec:
+        if self.criterion == "learned" and self.threshold > 1:
+            raise ValueError("a learned exit's threshold is a probability in [0, 1]")
+        return self
 
 
 class StreamOptions(BaseModel):

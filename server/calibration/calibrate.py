@@ -25,13 +25,17 @@ from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
 from parcae_serve.model.tokenizer import Tokenizer
 from parcae_serve.model.train import is_heldout, read_texts, stdlib_files
 from parcae_serve.server.calibration.evaluation import teacher_forced_nll
+from parcae_serve.server.calibration.learned_exit import oracle, trace_loops, train_exit_probe
 from parcae_serve.server.engine.kv_cache import choose_policy
 from parcae_serve.server.engine.sequence import RecurrenceExit
 
 THRESHOLDS = {
     "kl": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1],
     "residual": [0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3],
+    "learned": [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
 }
+EXIT_EPSILON = 0.01  # nats: "more loops would not help" (probe labels, oracle)
+PROBE_SEQUENCES = 48  # held-out windows the probe trains on (disjoint from the evaluation's)
 
 
 def heldout_sequences(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
@@ -103,11 +107,16 @@ def calibrate(
         log(f"T={depth:3d} nll {fixed[depth]['nll']:.4f} {fixed[depth]['tokens_per_s']:.0f} tok/s")
     fit = fit_saturating_law(list(fixed), [r["nll"] for r in fixed.values()])
     cap = 2 * mu
+    probe, probe_report = fit_probe(model, directory, sequences, length, cap, log)
+    exit_oracle = oracle(trace_loops(model, data, cap), EXIT_EPSILON)
+    log(
+        f"oracle (eps {EXIT_EPSILON}): depth {exit_oracle['mean_depth']:.2f} nll {exit_oracle['nll']:.4f}"
+    )
     adaptive = []
     for criterion, thresholds in THRESHOLDS.items():
         for threshold in thresholds:
             rule = RecurrenceExit(criterion, threshold, min_depth=1)
-            row = asdict(teacher_forced_nll(model, data, cap, policy, rule))
+            row = asdict(teacher_forced_nll(model, data, cap, policy, rule, exit_probe=probe))
             row.update(criterion=criterion, threshold=threshold, depth=cap)
             row["nll_vs_fixed_cap"] = row["nll"] / fixed[cap]["nll"] - 1
             row["loops_vs_fixed_cap"] = row["mean_depth"] / cap
@@ -122,11 +131,23 @@ def calibrate(
         "fit": fit,
         "adaptive": adaptive,
         "best_adaptive": best_adaptive(adaptive),
+        "oracle": exit_oracle,
+        "exit_probe": probe_report,
         "kv_policies": kv_policy_table(model, data, mu, log=log),
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {path}")
     return report
+
+
+def fit_probe(model, directory: Path, skip: int, length: int, cap: int, log) -> tuple:
+    """Train the learned exit probe on held-out windows after the evaluation's `skip` and save it
+    beside the checkpoint (exit_probe.safetensors)."""
+    windows = heldout_sequences(Tokenizer.from_dir(directory), skip + PROBE_SEQUENCES, length)
+    probe, report = train_exit_probe(model, trace_loops(model, windows[skip:], cap), EXIT_EPSILON)
+    probe.save(directory)
+    log(f"exit probe: {report}")
+    return probe, {**report, "epsilon": EXIT_EPSILON, "cap": cap, "sequences": len(windows) - skip}
 
 
 def best_adaptive(rows: list[dict], nll_tolerance: float = 0.01) -> dict | None:

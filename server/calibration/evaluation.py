@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parcae_serve.model.exit_probe import ExitProbe
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy, token_bytes
 from parcae_serve.server.engine.runner import InFlight, ModelRunner
@@ -36,6 +37,7 @@ def teacher_forced_nll(
     policy: str = "per-loop",
     exit: RecurrenceExit | None = None,
     seed: int = 0,
+    exit_probe: ExitProbe | None = None,
 ) -> DecodeQuality:
     """Mean NLL of tokens 1..L-1 of each sequence, decoding through the cache one token a step."""
     length = min(len(s) for s in sequences)
@@ -45,7 +47,7 @@ def teacher_forced_nll(
     per_token = outer + slot_policy.num_slots(depth) * rec
     budget = per_token * len(sequences) * (length + 16)  # every sequence whole, one block spare
     cache = KVCache(model.cfg, slot_policy, budget, depth, device=param.device, dtype=param.dtype)
-    runner = ModelRunner(model, cache)
+    runner = ModelRunner(model, cache, exit_probe=exit_probe)
     seqs = []
     for i, tokens in enumerate(sequences):
         params = SamplingParams(max_tokens=0, seed=seed + i)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parcae_serve.model.exit_probe import ExitProbe
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
 from parcae_serve.server.engine.metrics import Metrics
@@ -40,7 +41,14 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: Parcae, config: EngineConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        model: Parcae,
+        config: EngineConfig,
+        metrics: Metrics | None = None,
+        exit_probe: ExitProbe | None = None,
+    ) -> None:
+        """`exit_probe`: the checkpoint's learned exit (criterion "learned"), if it has one."""
         self.model, self.config = model, config
         self.metrics = metrics or Metrics()
         dtype = next(model.parameters()).dtype
@@ -58,7 +66,7 @@ class Engine:
             dtype=dtype,
         )
         self.scheduler = Scheduler(config.scheduler, self.cache)
-        self.runner = ModelRunner(model, self.cache, config.compile)
+        self.runner = ModelRunner(model, self.cache, config.compile, exit_probe)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.pool: list[InFlight] = []

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from parcae_serve.model.exit_probe import ExitProbe
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.decode_graph import (
     CompiledDecoder,
@@ -60,8 +61,14 @@ class InFlight:
 
 
 class ModelRunner:
-    def __init__(self, model: Parcae, cache: KVCache, compile_mode: str = "off") -> None:
-        self.model, self.cache = model, cache
+    def __init__(
+        self,
+        model: Parcae,
+        cache: KVCache,
+        compile_mode: str = "off",
+        exit_probe: ExitProbe | None = None,
+    ) -> None:
+        self.model, self.cache, self.exit_probe = model, cache, exit_probe
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.n_prelude = model.cfg.n_layers_in_prelude
@@ -230,6 +237,10 @@ class ModelRunner:
         if rule is None:
             return None
         ran = g.loop + 1  # every active token of a group has run the same number of loops
+        if rule.criterion == "learned":
+            if ran < rule.min_depth:
+                return None
+            return (self.exit_probe(before, after, ran) >= rule.threshold).cpu()
         if rule.criterion == "residual":
             if ran < rule.min_depth:
                 return None

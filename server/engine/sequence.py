@@ -21,7 +21,7 @@ DEFAULT_NOISE_SEED = 0  # the noise stream of requests without a seed
 class RecurrenceExit:
     """Stop a token's loops once successive loops differ by less than `threshold`."""
 
-    criterion: str  # "kl" | "residual"
+    criterion: str  # "kl" | "residual" | "learned" (the checkpoint's exit probe)
     threshold: float
     min_depth: int = 1
 

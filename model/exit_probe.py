@@ -1,0 +1,72 @@
+"""A learned per-token exit: a logistic probe on the recurrent state that predicts, after a loop,
+whether further loops (up to the cap it was trained at) would still lower the token's loss.
+
+Inputs per token after loop t (1-based), from the state before and after that loop:
+  h / |h|, (h - h_prev) / |h - h_prev|   (2 d directions, d = d_rec)
+  log r, r, t / mu, 1 / t                 (r = |h - h_prev| / |h|, the residual rule's signal)
+so it costs one (n, 2d) x (2d,) product per loop: less than a residual test plus a matvec.
+Trained post hoc (`parcae calibrate`) on a frozen checkpoint; stored as exit_probe.safetensors
+beside it. Idea from learned-exit work on adaptive depth (e.g. CALM, Schuster et al. 2022,
+arXiv 2207.07061, sec. 3.1; Continuous Depth Batching, arXiv 2608.09444).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+FILE = "exit_probe.safetensors"
+EXTRA = 4  # scalar features after the two directions
+
+
+class ExitProbe(nn.Module):
+    def __init__(self, d: int, mean_recurrence: int, epsilon: float = 0.0, cap: int = 0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2 * d + EXTRA, 1)
+        self.mean_recurrence = mean_recurrence
+        self.epsilon, self.cap = epsilon, cap  # what it was trained to predict (metadata)
+
+    def features(self, before: Tensor, after: Tensor, ran: int) -> Tensor:
+        """(n, d) states before and after loop `ran` -> (n, 2d + 4) fp32 features."""
+        before, after = before.float(), after.float()
+        step = after - before
+        size = after.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        moved = step.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        r = moved / size
+        scalars = torch.cat(
+            [
+                r.log(),
+                r,
+                torch.full_like(r, ran / self.mean_recurrence),
+                torch.full_like(r, 1 / ran),
+            ],
+            dim=-1,
+        )
+        return torch.cat([after / size, step / moved, scalars], dim=-1)
+
+    def forward(self, before: Tensor, after: Tensor, ran: int) -> Tensor:
+        """Probability (n,) that no further loop lowers the token's loss by more than epsilon."""
+        return torch.sigmoid(self.linear(self.features(before, after, ran)).squeeze(-1))
+
+    def save(self, directory: Path) -> None:
+        meta = {"mean_recurrence": str(self.mean_recurrence), "epsilon": str(self.epsilon),
+                "cap": str(self.cap), "d": str((self.linear.in_features - EXTRA) // 2)}  # fmt: skip
+        state = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / FILE), metadata=meta)
+
+
+def load_exit_probe(directory: Path, device: torch.device | str = "cpu") -> ExitProbe | None:
+    """The probe beside a checkpoint, or None if it has none."""
+    path = Path(directory) / FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    probe = ExitProbe(int(meta["d"]), int(meta["mean_recurrence"]), float(meta["epsilon"]),
+                      int(meta["cap"]))  # fmt: skip
+    probe.load_state_dict(load_file(str(path)))
+    return probe.to(device).eval()

@@ -1,0 +1,76 @@
+"""The learned exit: labels and oracle on known losses, and the probe's round trip
+calibrate -> checkpoint directory -> server (requests with criterion "learned")."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from parcae_serve.model.exit_probe import FILE, load_exit_probe
+from parcae_serve.server.calibration.calibrate import calibrate
+from parcae_serve.server.calibration.learned_exit import LoopTrace, done_labels, oracle
+from tests.conftest import running_server
+
+
+def test_labels_and_oracle_on_known_losses() -> None:
+    # three tokens, cap 4: one done after loop 1, one improving until loop 3, one whose loss
+    # rises after loop 2 (more loops hurt)
+    nll = torch.tensor([[1.0, 3.0, 2.0], [1.0, 2.0, 1.0], [1.0, 1.0, 1.5], [1.0, 1.0, 1.6]])
+    labels = done_labels(nll, epsilon=0.01)
+    assert labels[:, 0].tolist() == [True, True, True, True]
+    assert labels[:, 1].tolist() == [False, False, True, True]
+    assert labels[:, 2].tolist() == [False, True, True, True]
+    got = oracle(LoopTrace(torch.zeros(5, 3, 2), nll), epsilon=0.01)
+    # within eps of the cap's loss: token 0 at loop 1, token 1 at loop 3, token 2 at loop 2
+    # (1.0 <= 1.6): mean depth 2, losses 1.0, 1.0, 1.0
+    assert got["mean_depth"] == pytest.approx(2.0) and got["nll"] == pytest.approx(1.0)
+    assert got["nll_at_cap"] == pytest.approx((1.0 + 1.0 + 1.6) / 3)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, dict]:
+    directory = tmp_path_factory.mktemp("calibrated") / "tiny"
+    shutil.copytree(tiny_model_dir, directory)
+    report = calibrate(str(directory), sequences=2, length=24, log=lambda *_: None)
+    return directory, report
+
+
+def test_calibrate_writes_the_probe_and_the_oracle(calibrated) -> None:
+    directory, report = calibrated
+    assert (directory / FILE).exists()
+    learned = [r for r in report["adaptive"] if r["criterion"] == "learned"]
+    assert len(learned) >= 5 and all(1 <= r["mean_depth"] <= r["depth"] for r in learned)
+    depths = [r["mean_depth"] for r in learned]  # a higher threshold never exits earlier
+    assert depths == sorted(depths)
+    assert 1 <= report["oracle"]["mean_depth"] <= report["oracle"]["cap"]
+    assert 0 <= report["exit_probe"]["accuracy"] <= 1
+    probe = load_exit_probe(directory)
+    before, after = torch.randn(5, 64), torch.randn(5, 64)
+    p = probe(before, after, 2)
+    assert p.shape == (5,) and bool(((p > 0) & (p < 1)).all())
+
+
+def test_the_server_exits_on_the_probe(calibrated, tiny_model_dir: Path) -> None:
+    directory, _ = calibrated
+    body = {"prompt": "import os\n", "max_tokens": 6, "recurrence_depth": 6, "temperature": 0}
+
+    def depth(url: str, threshold: float, min_depth: int = 1) -> float:
+        rule = {"criterion": "learned", "threshold": threshold, "min_depth": min_depth}
+        r = httpx.post(f"{url}/v1/completions", json={**body, "recurrence_exit": rule}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["recurrence"]["mean_depth"]
+
+    with running_server(directory, "--kv-policy", "per-loop") as server:
+        assert depth(server.url, 0.0, min_depth=2) == 2.0  # p >= 0 always: exit at min_depth
+        assert depth(server.url, 1.0) == 6.0  # p < 1 always: never exit
+        rule = {"criterion": "learned", "threshold": 1.5}
+        r = httpx.post(f"{server.url}/v1/completions", json={**body, "recurrence_exit": rule})
+        assert r.status_code == 400
+    with running_server(tiny_model_dir) as bare:  # no probe beside this checkpoint
+        rule = {"criterion": "learned", "threshold": 0.5}
+        r = httpx.post(f"{bare.url}/v1/completions", json={**body, "recurrence_exit": rule})
+        assert r.status_code == 400 and "calibrate" in r.json()["error"]["message"]
