@@ -12,6 +12,7 @@ arXiv 2207.07061, sec. 3.1; Continuous Depth Batching, arXiv 2608.09444).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -50,7 +51,34 @@ class ExitProbe(nn.Module):
 
     def forward(self, before: Tensor, after: Tensor, ran: int) -> Tensor:
         """Probability (n,) that no further loop lowers the token's loss by more than epsilon."""
-        return torch.sigmoid(self.linear(self.features(before, after, ran)).squeeze(-1))
+        return torch.sigmoid(self.logit(before, after, ran))
+
+    def logit(self, before: Tensor, after: Tensor, ran: int) -> Tensor:
+        """The probe's logit (n,), as `linear(features)` but without building the features: two
+        dot products and two norms per token (what decode pays per loop)."""
+        d = (self.linear.in_features - EXTRA) // 2
+        w, b = self.linear.weight[0], self.linear.bias[0]
+        after = after.float()
+        step = after - before.float()
+        size = after.norm(dim=-1).clamp_min(1e-12)
+        moved = step.norm(dim=-1).clamp_min(1e-12)
+        r = moved / size
+        constant = b + w[-2] * (ran / self.mean_recurrence) + w[-1] / ran
+        return (
+            (after @ w[:d]) / size
+            + (step @ w[d : 2 * d]) / moved
+            + w[-4] * r.log()
+            + w[-3] * r
+            + constant
+        )
+
+    def exits(self, before: Tensor, after: Tensor, ran: int, threshold: float) -> Tensor:
+        """(n,) bool: probability >= threshold, compared as logits (no sigmoid)."""
+        if threshold <= 0:
+            return torch.ones(len(after), dtype=torch.bool, device=after.device)
+        if threshold >= 1:
+            return torch.zeros(len(after), dtype=torch.bool, device=after.device)
+        return self.logit(before, after, ran) >= math.log(threshold / (1 - threshold))
 
     def save(self, directory: Path) -> None:
         meta = {"mean_recurrence": str(self.mean_recurrence), "epsilon": str(self.epsilon),

@@ -21,6 +21,7 @@ from parcae_serve.model.tokenizer import Tokenizer
 from parcae_serve.server.api.access_log import AccessLog
 from parcae_serve.server.api.chat import ChatService, ChatTemplate
 from parcae_serve.server.api.completions import CompletionService, ServingLimits
+from parcae_serve.server.api.frontier import Frontier
 from parcae_serve.server.api.gate import RequestGate
 from parcae_serve.server.api.routes import install_error_handlers, router
 from parcae_serve.server.api.served_models import ServedModels, parse_presets
@@ -57,6 +58,10 @@ def load_tokenizer(model_dir: Path, tokenizer_dir: str | None) -> Tokenizer:
     raise FileNotFoundError(f"no tokenizer.json in {where}; pass --tokenizer DIR")
 
 
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def depth_table(model_dir: Path) -> dict | None:
     for name in DEPTH_TABLES:
         path = model_dir / name
@@ -72,8 +77,7 @@ def kv_policy(settings: ServerSettings, model_dir: Path, default_depth: int):
     measured within the NLL bound (per-loop when nothing was measured)."""
     if settings.kv_policy != "auto":
         return LoopSlotPolicy.parse(settings.kv_policy), "set by --kv-policy"
-    path = model_dir / "calibration.json"
-    calibration = json.loads(path.read_text()) if path.exists() else None
+    calibration = read_json(model_dir / "calibration.json")
     return choose_policy(calibration, settings.kv_max_nll_cost, default_depth)
 
 
@@ -148,12 +152,17 @@ def build(state: ServerState) -> None:
         vocab_size=cfg.vocab_size,
         max_sequences=s.max_batch + s.max_queue,
         max_prompt_chars=max_context * longest_token_chars(tokenizer),
+        frontier=Frontier.from_calibration(
+            read_json(model_dir / "calibration.json"), probe is not None
+        ),
     )
     # published in /v1/models beside kv_policy: why it is in force (and up to which depth)
     card: dict = {"kv_policy_reason": policy_reason}
     if policy.upto:
         card["kv_policy_max_depth"] = policy.upto
     card.update(depth_table(model_dir) or {})
+    if limits.frontier is not None:  # what criterion "auto" chooses from
+        card["frontier"] = [p.public() for p in limits.frontier.points]
     state.model_card = {"dir": str(model_dir), "depth_table": card}
     state.engine, state.tokenizer = engine, tokenizer
     state.service = CompletionService(engine, tokenizer, limits)

@@ -14,6 +14,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from parcae_serve.model.tokenizer import Tokenizer
+from parcae_serve.server.api.frontier import Frontier
 from parcae_serve.server.api.protocol import (
     REFUSED_FIELDS,
     CompletionChoice,
@@ -21,6 +22,7 @@ from parcae_serve.server.api.protocol import (
     CompletionResponse,
     Logprobs,
     PromptTokensDetails,
+    RecurrenceExitSpec,
     RecurrenceUsage,
     Usage,
 )
@@ -69,6 +71,7 @@ class ServingLimits:
     vocab_size: int
     max_sequences: int  # --max-batch + --max-queue: the most sequences the server ever holds
     max_prompt_chars: int  # a longer text prompt cannot fit the context (see longest_token_chars)
+    frontier: Frontier | None = None  # measured by calibration: what criterion "auto" picks from
 
     @property
     def model_name(self) -> str:
@@ -146,6 +149,8 @@ class CompletionService:
         """Every check that needs no tokens comes first; tokenising runs off the event loop."""
         self._check_fields(req)
         self._apply_model_name(req)
+        if req.recurrence_exit is not None and req.recurrence_exit.criterion == "auto":
+            self._choose_from_frontier(req)
         depth = req.recurrence_depth or self.limits.default_depth
         if depth > self.limits.max_depth:
             raise APIError(400, f"recurrence_depth must be between 1 and {self.limits.max_depth}, "
@@ -188,6 +193,21 @@ class CompletionService:
                                 added_bos)  # fmt: skip
                 choices.append(choice)
         return choices
+
+    def _choose_from_frontier(self, req: CompletionRequest) -> None:
+        """`auto`: replace the request's depth and exit with the fastest measured setting within
+        its NLL budget."""
+        frontier = self.limits.frontier
+        if frontier is None:
+            raise APIError(400, "criterion auto needs the model's measured frontier (run `parcae "
+                           "calibrate`)", param="recurrence_exit.criterion")  # fmt: skip
+        if "recurrence_depth" in req.model_fields_set:
+            raise APIError(400, "criterion auto chooses the depth: drop recurrence_depth",
+                           param="recurrence_depth")  # fmt: skip
+        point = frontier.cheapest(req.recurrence_exit.max_nll_cost, self.limits.max_depth)
+        req.recurrence_depth = point.depth
+        req.recurrence_exit = None if point.criterion is None else RecurrenceExitSpec(
+            criterion=point.criterion, threshold=point.threshold, min_depth=1)  # fmt: skip
 
     def _apply_model_name(self, req: CompletionRequest) -> None:
         """Fill the looping fields the request's model name stands for (`ID@T12`, a preset)

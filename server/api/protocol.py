@@ -21,16 +21,27 @@ class ErrorResponse(BaseModel):
 
 class RecurrenceExitSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    criterion: Literal["kl", "residual", "learned"] = Field(
+    criterion: Literal["kl", "residual", "learned", "auto"] = Field(
         description="kl: successive loops' next-token distributions; residual: relative state "
         "change; learned: the checkpoint's exit probe (parcae calibrate), threshold = the "
-        "probability that more loops would not help"
+        "probability that more loops would not help; auto: the fastest measured setting (depth "
+        "and rule) within max_nll_cost of the best measured NLL"
     )
-    threshold: float = Field(ge=0)
+    threshold: float | None = Field(default=None, ge=0)
+    max_nll_cost: float | None = Field(
+        default=None, ge=0, description="auto only: relative NLL cost allowed (0.01 = 1%)"
+    )
     min_depth: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
-    def _probability(self) -> RecurrenceExitSpec:
+    def _consistent(self) -> RecurrenceExitSpec:
+        if self.criterion == "auto":
+            if self.max_nll_cost is None:
+                raise ValueError("criterion auto needs max_nll_cost")
+        elif self.threshold is None:
+            raise ValueError(f"criterion {self.criterion} needs a threshold")
+        elif self.max_nll_cost is not None:
+            raise ValueError("max_nll_cost is for criterion auto only")
         if self.criterion == "learned" and self.threshold > 1:
             raise ValueError("a learned exit's threshold is a probability in [0, 1]")
         return self

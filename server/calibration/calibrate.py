@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -103,7 +102,7 @@ def calibrate(
         return report
     fixed = {}
     for depth in fixed_depths(mu):
-        fixed[depth] = asdict(teacher_forced_nll(model, data, depth, policy))
+        fixed[depth] = teacher_forced_nll(model, data, depth, policy).summary()
         log(f"T={depth:3d} nll {fixed[depth]['nll']:.4f} {fixed[depth]['tokens_per_s']:.0f} tok/s")
     fit = fit_saturating_law(list(fixed), [r["nll"] for r in fixed.values()])
     cap = 2 * mu
@@ -116,7 +115,7 @@ def calibrate(
     for criterion, thresholds in THRESHOLDS.items():
         for threshold in thresholds:
             rule = RecurrenceExit(criterion, threshold, min_depth=1)
-            row = asdict(teacher_forced_nll(model, data, cap, policy, rule, exit_probe=probe))
+            row = teacher_forced_nll(model, data, cap, policy, rule, exit_probe=probe).summary()
             row.update(criterion=criterion, threshold=threshold, depth=cap)
             row["nll_vs_fixed_cap"] = row["nll"] / fixed[cap]["nll"] - 1
             row["loops_vs_fixed_cap"] = row["mean_depth"] / cap

@@ -9,7 +9,7 @@ whole-sequence forward (prefill) would not show.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -28,6 +28,11 @@ class DecodeQuality:
     tokens: int
     tokens_per_s: float
     cache_bytes_per_token: float
+    token_nll: list[float] | None = None  # (tokens,) per position and sequence, if asked
+
+    def summary(self) -> dict:
+        """The scalar fields (what reports store)."""
+        return {k: v for k, v in asdict(self).items() if k != "token_nll"}
 
 
 def teacher_forced_nll(
@@ -38,6 +43,7 @@ def teacher_forced_nll(
     exit: RecurrenceExit | None = None,
     seed: int = 0,
     exit_probe: ExitProbe | None = None,
+    per_token: bool = False,
 ) -> DecodeQuality:
     """Mean NLL of tokens 1..L-1 of each sequence, decoding through the cache one token a step."""
     length = min(len(s) for s in sequences)
@@ -57,7 +63,7 @@ def teacher_forced_nll(
         seq.table = cache.new_table(depth, b"eval")
         assert cache.ensure(seq.table, length)
         seqs.append(seq)
-    total_nll, loops, start = 0.0, 0, time.perf_counter()
+    total_nll, loops, start, token_nll = 0.0, 0, time.perf_counter(), []
     for p in range(length - 1):
         groups = [
             InFlight(s, torch.tensor([p]), torch.tensor([s.tokens[p]], device=runner.device), depth)
@@ -68,7 +74,10 @@ def teacher_forced_nll(
             runner.loop([g for g in groups if not g.done])
         logprobs = torch.log_softmax(runner.coda(groups), -1)
         targets = torch.tensor([s.tokens[p + 1] for s in seqs], device=logprobs.device)
-        total_nll -= float(logprobs.gather(1, targets.unsqueeze(1)).sum())
+        nll = -logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        total_nll += float(nll.sum())
+        if per_token:
+            token_nll += nll.tolist()
         loops += sum(int(g.loops_used.sum()) for g in groups)
     elapsed = time.perf_counter() - start
     n = (length - 1) * len(seqs)
@@ -78,4 +87,5 @@ def teacher_forced_nll(
         tokens=n,
         tokens_per_s=n / elapsed,
         cache_bytes_per_token=float(cache.token_bytes(depth)),
+        token_nll=token_nll if per_token else None,
     )

@@ -58,10 +58,11 @@ def done_labels(nll: Tensor, epsilon: float) -> Tensor:
     return after >= nll - epsilon
 
 
-def oracle(trace: LoopTrace, epsilon: float) -> dict:
+def oracle(trace: LoopTrace | Tensor, epsilon: float) -> dict:
     """Per token, the smallest depth whose NLL is within `epsilon` of its NLL at the cap: the
-    frontier point no exit rule can beat (it sees the future)."""
-    nll = trace.nll
+    frontier point no exit rule can beat (it sees the future). From a trace, or from a
+    (cap, N) tensor of per-token NLL at each depth 1..cap."""
+    nll = trace.nll if isinstance(trace, LoopTrace) else trace
     ok = nll <= nll[-1:] + epsilon
     first = ok.float().argmax(dim=0)  # the first loop index (0-based) that is ok
     picked = nll.gather(0, first.unsqueeze(0))[0]

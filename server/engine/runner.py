@@ -240,7 +240,7 @@ class ModelRunner:
         if rule.criterion == "learned":
             if ran < rule.min_depth:
                 return None
-            return (self.exit_probe(before, after, ran) >= rule.threshold).cpu()
+            return self.exit_probe.exits(before, after, ran, rule.threshold).cpu()
         if rule.criterion == "residual":
             if ran < rule.min_depth:
                 return None

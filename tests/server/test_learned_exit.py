@@ -10,7 +10,8 @@ import httpx
 import pytest
 import torch
 
-from parcae_serve.model.exit_probe import FILE, load_exit_probe
+from parcae_serve.model.exit_probe import FILE, ExitProbe, load_exit_probe
+from parcae_serve.server.api.frontier import Frontier
 from parcae_serve.server.calibration.calibrate import calibrate
 from parcae_serve.server.calibration.learned_exit import LoopTrace, done_labels, oracle
 from tests.conftest import running_server
@@ -74,3 +75,47 @@ def test_the_server_exits_on_the_probe(calibrated, tiny_model_dir: Path) -> None
         rule = {"criterion": "learned", "threshold": 0.5}
         r = httpx.post(f"{bare.url}/v1/completions", json={**body, "recurrence_exit": rule})
         assert r.status_code == 400 and "calibrate" in r.json()["error"]["message"]
+
+
+def test_the_probe_logit_is_its_linear_layer_on_the_features() -> None:
+    probe = ExitProbe(16, mean_recurrence=4)
+    torch.nn.init.normal_(probe.linear.weight)
+    before, after = torch.randn(9, 16), torch.randn(9, 16)
+    full = probe.linear(probe.features(before, after, 3)).squeeze(-1)
+    assert torch.allclose(probe.logit(before, after, 3), full, atol=1e-5)
+    p = torch.sigmoid(full)
+    assert probe.exits(before, after, 3, 0.5).tolist() == (p >= 0.5).tolist()
+
+
+def test_auto_picks_the_fastest_point_within_the_budget(calibrated) -> None:
+    directory, report = calibrated
+    frontier = Frontier.from_calibration(report, has_probe=True)
+    best = min(p.nll for p in frontier.points)
+    for cost in (0.0, 0.01, 0.05, 1.0):
+        point = frontier.cheapest(cost, max_depth=64)
+        assert point.nll <= best * (1 + cost)
+        every = [*report["adaptive"], *({"nll": v, "tokens_per_s": report["tokens_per_s_by_depth"][d]}
+                                        for d, v in report["loss_by_depth"].items())]  # fmt: skip
+        assert all(
+            r["tokens_per_s"] <= point.tokens_per_s for r in every if r["nll"] <= best * (1 + cost)
+        )
+    with running_server(directory, "--kv-policy", "per-loop") as server:
+        card = httpx.get(f"{server.url}/v1/models").json()["data"][0]["recurrence"]
+        assert card["frontier"] == [p.public() for p in frontier.points]
+        chosen = frontier.cheapest(0.05, max_depth=64)
+        body = {
+            "prompt": "import os\n",
+            "max_tokens": 4,
+            "recurrence_exit": {"criterion": "auto", "max_nll_cost": 0.05},
+        }
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        if chosen.criterion is None:
+            assert r.json()["usage"]["recurrence"]["mean_depth"] == chosen.depth
+        assert r.json()["usage"]["recurrence"]["mean_depth"] <= chosen.depth
+        clash = httpx.post(f"{server.url}/v1/completions", json={**body, "recurrence_depth": 3})
+        assert clash.status_code == 400 and clash.json()["error"]["param"] == "recurrence_depth"
+        missing = httpx.post(
+            f"{server.url}/v1/completions", json={**body, "recurrence_exit": {"criterion": "auto"}}
+        )
+        assert missing.status_code == 400

@@ -1,0 +1,194 @@
+"""The adaptive-depth frontier: held-out NLL against decode throughput, N concurrent streams.
+
+    python bench/frontier.py [--model DIR] [--streams 32] [--tokens 48] [--threads 1]
+
+Every point decodes the same N held-out windows together, teacher-forced, one token a step
+through the engine's own runner and paged cache (per-loop policy, eager): fixed depths
+T = 1 .. 2*mu, and each exit rule (kl, residual, learned: the checkpoint's probe) over its
+thresholds with cap 2*mu. Each point: NLL, tokens/s, mean loops. Plus the oracle exit (per token
+the smallest depth within eps of its loss at the cap, from the fixed-depth runs' per-token
+losses: no rule can beat it, it sees the future), at the throughput fixed depths reach at its
+mean loop count; and the exit overhead
+per loop (a rule that never fires, against fixed T = cap). Windows skip the first 64 held-out
+ones, which `parcae calibrate` evaluates on and trains the probe on.
+
+Writes bench/out/frontier.json and bench/out/frontier.png (needs matplotlib: the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from parcae_serve.model.exit_probe import load_exit_probe  # noqa: E402
+from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint  # noqa: E402
+from parcae_serve.model.tokenizer import Tokenizer  # noqa: E402
+from parcae_serve.server.calibration.calibrate import THRESHOLDS, heldout_sequences  # noqa: E402
+from parcae_serve.server.calibration.evaluation import teacher_forced_nll  # noqa: E402
+from parcae_serve.server.calibration.learned_exit import oracle  # noqa: E402
+from parcae_serve.server.engine.sequence import RecurrenceExit  # noqa: E402
+
+SKIP_WINDOWS = 64  # calibrate's evaluation windows (16) and the probe's training windows (48)
+ORACLE_EPSILONS = (0.001, 0.01, 0.03)
+NEVER = {"residual": 0.0, "learned": 1.0}  # thresholds at which a rule never exits
+
+
+def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through sorted xs (clamped at the ends)."""
+    if x <= xs[0]:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """Points no other point beats on both NLL (lower) and tokens/s (higher)."""
+    front = [p for p in points if not any(
+        q["nll"] <= p["nll"] and q["tokens_per_s"] >= p["tokens_per_s"] and q is not p
+        and (q["nll"] < p["nll"] or q["tokens_per_s"] > p["tokens_per_s"]) for q in points)]  # fmt: skip
+    return sorted(front, key=lambda p: p["nll"])
+
+
+def measure(model, data, probe, mu: int, log) -> dict:
+    cap = 2 * mu
+    fixed, per_token = [], []
+    for depth in range(1, cap + 1):
+        quality = teacher_forced_nll(model, data, depth, per_token=True)
+        per_token.append(quality.token_nll)
+        q = quality.summary()
+        fixed.append({"kind": "fixed", "depth": depth, **q})
+        log(f"fixed T={depth:2d}: nll {q['nll']:.4f} {q['tokens_per_s']:.0f} tok/s")
+    rules = []
+    for criterion, thresholds in THRESHOLDS.items():
+        if criterion == "learned" and probe is None:
+            continue
+        for threshold in thresholds:
+            rule = RecurrenceExit(criterion, threshold)
+            q = teacher_forced_nll(model, data, cap, exit=rule, exit_probe=probe).summary()
+            rules.append({"kind": criterion, "threshold": threshold, "depth": cap, **q})
+            log(f"{criterion} {threshold:g}: nll {q['nll']:.4f} loops {q['mean_depth']:.2f} "
+                f"{q['tokens_per_s']:.0f} tok/s")  # fmt: skip
+    by_loops = sorted(fixed, key=lambda p: p["mean_depth"])
+    loops_axis = [p["mean_depth"] for p in by_loops]
+    speed_axis = [p["tokens_per_s"] for p in by_loops]
+    oracles = []
+    for eps in ORACLE_EPSILONS:
+        o = oracle(torch.tensor(per_token), eps)
+        o["tokens_per_s"] = interpolate(o["mean_depth"], loops_axis, speed_axis)
+        oracles.append(o)
+        log(f"oracle eps {eps}: loops {o['mean_depth']:.2f} nll {o['nll']:.4f} "
+            f"(at the cap {o['nll_at_cap']:.4f})")  # fmt: skip
+    return {"fixed": fixed, "rules": rules, "oracle": oracles,
+            "overhead": exit_overhead(model, data, probe, cap, fixed[-1], log)}  # fmt: skip
+
+
+def exit_overhead(model, data, probe, cap: int, fixed_cap: dict, log, repeats: int = 3) -> dict:
+    """Per-loop cost of testing an exit rule: a rule that never fires at depth `cap`, against
+    fixed T = cap (same loops), best of `repeats`, interleaved."""
+    out = {}
+    for criterion, never in NEVER.items():
+        if criterion == "learned" and probe is None:
+            continue
+        rule, plain, tested = RecurrenceExit(criterion, never), [], []
+        for _ in range(repeats):
+            plain.append(teacher_forced_nll(model, data, cap).tokens_per_s)
+            tested.append(
+                teacher_forced_nll(model, data, cap, exit=rule, exit_probe=probe).tokens_per_s
+            )
+        out[criterion] = max(plain) / max(tested) - 1
+        log(f"exit overhead {criterion}: {out[criterion]:+.1%} per loop")
+    return out
+
+
+def verdict(result: dict) -> dict:
+    """The best fixed depth (lowest NLL) and, per rule, the fastest point at least as good, with
+    its speed ratio; the rules' best speed at the NLL of each fixed depth."""
+    best = min(result["fixed"], key=lambda p: p["nll"])
+    rows = []
+    for kind in sorted({r["kind"] for r in result["rules"]}):
+        ok = [r for r in result["rules"] if r["kind"] == kind and r["nll"] <= best["nll"]]
+        top = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
+        rows.append({"rule": kind, "threshold": top and top["threshold"],
+                     "speedup_at_best_fixed_nll": top and top["tokens_per_s"] / best["tokens_per_s"]})  # fmt: skip
+    good = [o for o in result["oracle"] if o["nll"] <= best["nll"]]
+    ideal = max((o["tokens_per_s"] for o in good), default=None)
+    return {"best_fixed": {"depth": best["depth"], "nll": best["nll"],
+                           "tokens_per_s": best["tokens_per_s"]},
+            "rules": rows,
+            "oracle_speedup_at_best_fixed_nll": ideal and ideal / best["tokens_per_s"]}  # fmt: skip
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fixed = result["fixed"]
+    ax.plot([p["tokens_per_s"] for p in fixed], [p["nll"] for p in fixed], "o-", color="black",
+            label="fixed depth T")  # fmt: skip
+    for p in fixed:
+        ax.annotate(str(p["depth"]), (p["tokens_per_s"], p["nll"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    for kind, marker in (("kl", "s"), ("residual", "^"), ("learned", "D")):
+        rows = [r for r in result["rules"] if r["kind"] == kind]
+        if rows:
+            ax.plot([r["tokens_per_s"] for r in rows], [r["nll"] for r in rows], marker,
+                    label=f"exit: {kind}", alpha=0.8)  # fmt: skip
+    ax.plot([o["tokens_per_s"] for o in result["oracle"]], [o["nll"] for o in result["oracle"]],
+            "*", markersize=12, color="gold", markeredgecolor="black", label="oracle exit")  # fmt: skip
+    front = result["pareto"]
+    ax.plot([p["tokens_per_s"] for p in front], [p["nll"] for p in front], "--", color="grey",
+            label="Pareto front")  # fmt: skip
+    ax.set_xlabel(f"decode tokens/s ({result['streams']} concurrent streams)")
+    ax.set_ylabel("held-out NLL (nats/token)")
+    best = min(p["nll"] for p in fixed)
+    ax.set_ylim(best - 0.02, best + 0.25)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/out/frontier.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    directory = args.model or builtin_checkpoint()
+    model = load_checkpoint(directory)
+    probe = load_exit_probe(directory)
+    tok = Tokenizer.from_dir(directory)
+    data = heldout_sequences(tok, SKIP_WINDOWS + args.streams, args.tokens + 1)[SKIP_WINDOWS:]
+    started = time.time()
+    result = measure(model, data, probe, model.cfg.mean_recurrence, print)
+    points = [*result["fixed"], *result["rules"]]
+    result.update(streams=len(data), tokens=args.tokens, threads=args.threads,
+                  model=directory.name, pareto=pareto(points), seconds=round(time.time() - started))  # fmt: skip
+    result["verdict"] = verdict(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result["verdict"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

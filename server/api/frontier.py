@@ -1,0 +1,58 @@
+"""The measured compute-quality frontier of a checkpoint, and the `auto` exit that picks from it.
+
+`parcae calibrate` measures held-out NLL and decode tokens/s for every fixed depth and every exit
+rule (calibration.json). The Pareto front of those points (no other point has lower NLL and more
+tokens/s) is published in /v1/models; `recurrence_exit: {"criterion": "auto", "max_nll_cost": c}`
+runs the fastest point whose NLL is within `c` (relative: 0.01 = 1%) of the best measured NLL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    depth: int  # the depth, or the cap of an exit rule
+    criterion: str | None  # None: fixed depth
+    threshold: float | None
+    nll: float
+    mean_depth: float
+    tokens_per_s: float
+
+    def public(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Frontier:
+    points: tuple[FrontierPoint, ...]  # the Pareto front, by NLL
+
+    @classmethod
+    def from_calibration(cls, calibration: dict | None, has_probe: bool) -> Frontier | None:
+        """The front of a calibration.json's points (learned-exit points only if the probe they
+        were measured with is there)."""
+        if not calibration or "tokens_per_s_by_depth" not in calibration:
+            return None
+        points = [FrontierPoint(int(d), None, None, nll, float(d), calibration["tokens_per_s_by_depth"][d])
+                  for d, nll in calibration["loss_by_depth"].items()]  # fmt: skip
+        points += [FrontierPoint(r["depth"], r["criterion"], r["threshold"], r["nll"],
+                                 r["mean_depth"], r["tokens_per_s"])
+                   for r in calibration.get("adaptive", [])
+                   if has_probe or r["criterion"] != "learned"]  # fmt: skip
+        return cls(tuple(sorted(pareto(points), key=lambda p: p.nll)))
+
+    def cheapest(self, max_nll_cost: float, max_depth: int) -> FrontierPoint:
+        """The fastest point within `max_nll_cost` of the best NLL (and within --max-depth)."""
+        usable = [p for p in self.points if p.depth <= max_depth] or list(self.points)
+        best = min(p.nll for p in usable)
+        ok = [p for p in usable if p.nll <= best * (1 + max_nll_cost)]
+        return max(ok, key=lambda p: p.tokens_per_s)
+
+
+def pareto(points: list[FrontierPoint]) -> list[FrontierPoint]:
+    def beats(q: FrontierPoint, p: FrontierPoint) -> bool:
+        return (q.nll <= p.nll and q.tokens_per_s >= p.tokens_per_s
+                and (q.nll < p.nll or q.tokens_per_s > p.tokens_per_s))  # fmt: skip
+
+    return [p for p in points if not any(beats(q, p) for q in points)]
