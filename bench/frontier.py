@@ -38,7 +38,8 @@ from parcae_serve.server.engine.sequence import RecurrenceExit  # noqa: E402
 
 SKIP_WINDOWS = 64  # calibrate's evaluation windows (16) and the probe's training windows (48)
 ORACLE_EPSILONS = (0.001, 0.01, 0.03)
-NEVER = {"residual": 0.0, "learned": 1.0}  # thresholds at which a rule never exits
+NEVER = {"residual": 0.0, "learned": 1 - 1e-9}  # thresholds at which a rule never exits (but
+# still runs its test: the probe skips itself at exactly 1)
 
 
 def interpolate(x: float, xs: list[float], ys: list[float]) -> float:

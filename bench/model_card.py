@@ -31,40 +31,65 @@ def card(directory: Path) -> str:
     cfg = json.loads((directory / "config.json").read_text())
     s = train["settings"]
     mu = cfg["mean_recurrence"]
-    loss = train["loss_by_depth"]
-    t1 = loss["1"]
-    rows = [[t, f"{v:.4f}", f"{(v / t1 - 1) * 100:+.1f}%"] for t, v in loss.items()]
+    by_context = train["loss_by_depth_and_context"]
+    contexts = list(by_context)
+    depths = list(by_context[contexts[0]])
+    t1 = {c: by_context[c]["1"] for c in contexts}
+    rows = [[t, *(f"{by_context[c][t]:.4f} ({(by_context[c][t] / t1[c] - 1) * 100:+.1f}%)"
+                  for c in contexts)] for t in depths]  # fmt: skip
     fit = train["fit"]
+    trained = contexts[-1]
+    at = by_context[trained]
+    checks = [
+        ("T=mu at least 8% below T=1", at[str(mu)] <= 0.92 * at["1"],
+         f"{(at[str(mu)] / at['1'] - 1) * 100:+.1f}%"),
+        ("T=2mu within 0.5% of T=mu", at[str(2 * mu)] <= 1.005 * at[str(mu)],
+         f"{(at[str(2 * mu)] / at[str(mu)] - 1) * 100:+.2f}%"),
+        ("T=4mu within 0.5% of T=mu", at[str(4 * mu)] <= 1.005 * at[str(mu)],
+         f"{(at[str(4 * mu)] / at[str(mu)] - 1) * 100:+.2f}%"),
+        (f"context {trained} no worse per token than 256 (T=mu)",
+         at[str(mu)] <= by_context["256"][str(mu)],
+         f"{at[str(mu)]:.4f} vs {by_context['256'][str(mu)]:.4f}"),
+    ]  # fmt: skip
     parts = [
         f"# {directory.name}: the built-in Parcae model",
         "",
         f"A {cfg['n_layers_in_prelude']}/{cfg['n_layers_in_recurrent_block']}/"
         f"{cfg['n_layers_in_coda']} (prelude/recurrent/coda) Parcae, d={cfg['n_embd']}, "
-        f"{cfg['num_attention_heads']} heads, vocab {cfg['vocab_size']}, diagonal injection, "
-        f"value embeddings on every layer, qk-norm, ReLU² MLP, mean_recurrence {mu}. Trained by "
-        "this repository on the CPU; it writes Python-flavoured text, and exists so the server "
-        "serves out of the box and so the depth knob can be measured, not to be useful.",
+        f"{cfg['num_attention_heads']} heads, vocab {cfg['vocab_size']}, context "
+        f"{cfg['block_size']}, diagonal injection, value embeddings on every layer, qk-norm, ReLU² "
+        f"MLP, mean_recurrence {mu}. Trained by this repository on the CPU; it writes "
+        "Python-flavoured text, and exists so the server serves out of the box and so the depth "
+        "knob can be measured, not to be useful.",
         "",
         "## Training",
-        f"- `python -m parcae_serve.model.train --minutes {s['minutes']}` on 2 CPU cores: {train['steps']} steps, "
-        f"{train['train_tokens']:,} tokens, {train['minutes']} minutes.",
+        f"- `python -m parcae_serve.model.train --minutes {s['minutes']}` on 2 CPU cores: "
+        f"{train['steps']} steps, {train['train_tokens']:,} tokens, {train['minutes']} minutes.",
         f"- Corpus: the `.py` files of the running interpreter's standard library, split by file: "
         f"{train['train_files']} train files, {train['heldout_files']} held-out files.",
         f"- Tokenizer: byte-level BPE, {s['vocab']} tokens, trained on the train split; "
-        "`<|bos|>`/`<|eos|>`/`<|pad|>` are ids 0/1/2 and every document starts with BOS.",
-        f"- Depth sampling as in the paper: per step T ~ Poisson({s['mu_rec']}) (at least 1, at "
-        f"most {s['max_depth']}), gradients through the last {s['backprop_depth']} loops only; "
-        f"AdamW lr {s['lr']}, batch {s['batch']}×{s['seq']} tokens, cosine schedule on wall time.",
+        "`<|bos|>`/`<|eos|>`/`<|pad|>` are ids 0/1/2 and every document starts with BOS "
+        "(tokenizer.json adds BOS, tokenizer_config.json names them, as Hugging Face tools expect).",
+        f"- Windows of {s['seq']} tokens (the served context), batch {s['batch']}. Depth drawn "
+        f"per sequence from a log-normal Poisson (mean {s['mu_rec']}, sigma {s['depth_sigma']}, "
+        f"Huginn's sampler), clipped to [1, {s['max_depth']}], gradients through the last "
+        f"{s['backprop_depth']} loops; AdamW lr {s['lr']}, cosine schedule on wall time.",
         f"- Weights stored in bfloat16 ({(directory / 'model.safetensors').stat().st_size / 1e6:.1f} MB).",
         "",
         "## Held-out loss by depth",
         f"Next-token NLL (nats) on {train['heldout_tokens']:,} held-out tokens, whole-sequence "
-        "forward, float32:",
+        "forward from the shipped bf16 weights in float32, the same tokens cut into windows of "
+        f"each context length (vs T=1 in brackets):",
         "",
-        table(["T (loops)", "NLL", "vs T=1"], rows),
+        table(["T (loops)", *(f"context {c}" for c in contexts)], rows),
         "",
-        f"Fit of the paper's saturating law L(T) = L_inf + Z·exp(−z·T): L_inf = {fit['L_inf']:.4f}, "
-        f"Z = {fit['Z']:.4f}, z = {fit['z']:.4f}.",
+        f"Fit of the paper's saturating law L(T) = L_inf + Z·exp(−z·T) (context {trained}): "
+        f"L_inf = {fit['L_inf']:.4f}, Z = {fit['Z']:.4f}, z = {fit['z']:.4f}.",
+        "",
+        table(
+            ["check (context " + trained + ")", "holds", "measured"],
+            [[name, "yes" if ok else "**no**", value] for name, ok, value in checks],
+        ),
     ]
     if cal:
         parts += calibration_section(cal, directory)
@@ -106,6 +131,24 @@ def calibration_section(cal: dict, directory: Path) -> list[str]:
         "",
         verdict,
     ]
+    if "oracle" in cal:
+        o, probe = cal["oracle"], cal.get("exit_probe", {})
+        lines += ["", f"Oracle exit (per token the smallest depth within {o['epsilon']} nats of "
+                  f"its loss at T={o['cap']}; whole-sequence forward): {o['mean_depth']:.2f} mean "
+                  f"loops, NLL {o['nll']:.4f} (at the cap {o['nll_at_cap']:.4f}). The `learned` "
+                  f"rows use the exit probe (exit_probe.safetensors) trained on "
+                  f"{probe.get('sequences', '?')} other held-out windows: accuracy "
+                  f"{probe.get('accuracy', 0):.3f}, {probe.get('done_rate', 0):.1%} of (token, "
+                  "loop) pairs already done."]  # fmt: skip
+    if "kv_policies" in cal:
+        kv = cal["kv_policies"]
+        rows = [[r["policy"], str(r["depth"]), f"{r['nll']:.4f}", f"{r['nll_cost'] * 100:+.2f}%",
+                 f"{r['bytes_per_token']:,}"] for r in kv["rows"]]  # fmt: skip
+        rec = kv["recommended"]
+        lines += ["", "## KV-cache loop-slot policies (calibration)",
+                  "Teacher-forced decode through the cache; cost vs per-loop (exact):", "",
+                  table(["policy", "T", "NLL", "cost", "bytes/token"], rows), "",
+                  f"`--kv-policy auto` picks `{rec['policy']}`: {rec['reason']}."]  # fmt: skip
     if (directory / "depth_curve.png").exists():
         lines += ["", "![compute vs quality](depth_curve.png)"]
     return lines

@@ -87,8 +87,11 @@ class ExitProbe(nn.Module):
         save_file(state, str(directory / FILE), metadata=meta)
 
 
-def load_exit_probe(directory: Path, device: torch.device | str = "cpu") -> ExitProbe | None:
-    """The probe beside a checkpoint, or None if it has none."""
+def load_exit_probe(
+    directory: Path, device: torch.device | str = "cpu", d_rec: int | None = None
+) -> ExitProbe | None:
+    """The probe beside a checkpoint, or None if it has none; ValueError if it was trained for a
+    state of another width than `d_rec`."""
     path = Path(directory) / FILE
     if not path.exists():
         return None
@@ -96,5 +99,7 @@ def load_exit_probe(directory: Path, device: torch.device | str = "cpu") -> Exit
         meta = f.metadata()
     probe = ExitProbe(int(meta["d"]), int(meta["mean_recurrence"]), float(meta["epsilon"]),
                       int(meta["cap"]))  # fmt: skip
+    if d_rec is not None and int(meta["d"]) != d_rec:
+        raise ValueError(f"{path} is for states of width {meta['d']}, the model's are {d_rec}")
     probe.load_state_dict(load_file(str(path)))
     return probe.to(device).eval()

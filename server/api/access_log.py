@@ -12,8 +12,10 @@ once the response has ended:
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
+from urllib.parse import quote
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,11 +25,13 @@ MAX_ID_CHARS = 128
 RECORD_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "mean_depth", "model")
 
 
+SAFE_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
+
+
 def request_id(given: str | None) -> str:
-    """The client's id if it is safe to echo into headers, ids and logs, else a fresh one."""
-    if given and len(given) <= MAX_ID_CHARS and given.isascii() and given.isprintable():
-        return given
-    return uuid.uuid4().hex
+    """The client's id if it is safe to echo into headers, ids and logs (letters, digits and
+    `._:-`, at most 128), else a fresh one."""
+    return given if given and SAFE_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 class AccessLog:
@@ -63,13 +67,16 @@ class AccessLog:
     def _write(scope: Scope, status: int, record: dict, seconds: float) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
-        parts = [f"req={record['request_id']}", scope["method"], scope["path"], str(status)]
+        # client text is quoted: a newline or a space in a path or model name cannot forge a line
+        path = quote(scope["path"], safe="/@:._-~")
+        parts = [f"req={record['request_id']}", scope["method"], path, str(status)]
         for key in RECORD_FIELDS:
             if key in record:
                 value = record[key]
                 name = key.removesuffix("_tokens").removeprefix("mean_")
-                parts.append(
-                    f"{name}={value:.2f}" if isinstance(value, float) else f"{name}={value}"
+                shown = (
+                    f"{value:.2f}" if isinstance(value, float) else quote(str(value), safe="@:._-~")
                 )
+                parts.append(f"{name}={shown}")
         parts.append(f"{seconds * 1000:.1f}ms")
         log.info(" ".join(parts))

@@ -25,7 +25,7 @@ from parcae_serve.server.api.frontier import Frontier
 from parcae_serve.server.api.gate import RequestGate
 from parcae_serve.server.api.routes import install_error_handlers, router
 from parcae_serve.server.api.served_models import ServedModels, parse_presets
-from parcae_serve.server.api.settings import ServerSettings, default_kv_bytes
+from parcae_serve.server.api.settings import ServerSettings, default_kv_bytes, read_key_file
 from parcae_serve.server.api.state import ServerState
 from parcae_serve.server.api.text import longest_token_chars
 from parcae_serve.server.engine.engine import Engine, EngineConfig
@@ -131,8 +131,12 @@ def build(state: ServerState) -> None:
         block_size=s.block_size,
         eos_id=tokenizer.eos_id,
         compile=compile_mode(s.compile, device),
+        typical_depth=default_depth,
     )
-    probe = load_exit_probe(model_dir, device)
+    probe = load_exit_probe(model_dir, device, cfg.d_rec)
+    frontier = Frontier.from_calibration(
+        read_json(model_dir / "calibration.json"), probe is not None
+    )
     engine = Engine(model, engine_cfg, state.metrics, probe)
     depths = [int(d) for d in s.compile_depths.split(",")] if s.compile_depths else [default_depth]
     started = time.monotonic()
@@ -145,6 +149,7 @@ def build(state: ServerState) -> None:
     engine.generate_sync(warm)
     models = ServedModels(served_names(s), default_depth, s.max_depth, cfg.mean_recurrence,
                           parse_presets(s.preset))  # fmt: skip
+    models.check_presets(can_auto=frontier is not None, can_learn=probe is not None)
     limits = ServingLimits(
         models=models,
         max_depth=s.max_depth,
@@ -204,9 +209,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
 
 def api_keys(settings: ServerSettings) -> list[str]:
-    """--api-key values and the lines of --api-key-file (blank lines and # comments skipped)."""
-    keys = list(settings.api_key)
-    if settings.api_key_file:
-        lines = Path(settings.api_key_file).read_text().splitlines()
-        keys += [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
-    return keys
+    """--api-key values and the keys of --api-key-file (checked non-empty by the settings)."""
+    return [
+        *settings.api_key,
+        *(read_key_file(settings.api_key_file) if settings.api_key_file else []),
+    ]

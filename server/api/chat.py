@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
-from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from parcae_serve.model.tokenizer import Tokenizer
@@ -54,6 +54,17 @@ SHARED_FIELDS = ("model", "temperature", "top_p", "n", "stream", "stream_options
                  "recurrence_warm_start", "kv_policy")  # fmt: skip
 
 
+# variables the server sets, and what a client may not slip in past the refused fields
+RESERVED_KWARGS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
+                             "raise_exception", "strftime_now", "tools", "documents"})  # fmt: skip
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson filter (its signature), unescaped for HTML as templates expect."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)  # fmt: skip
+
+
 class TemplateRaised(Exception):
     """`raise_exception(message)` called by a template: the messages are not acceptable."""
 
@@ -64,10 +75,12 @@ def _raise(message: str) -> None:
 
 class ChatTemplate:
     def __init__(self, source: str, tokenizer: Tokenizer) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )  # transformers' environment: {% break %} / {% continue %}, tojson, strftime_now
         env.globals["raise_exception"] = _raise
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False,
-                                                                  indent=indent)  # fmt: skip
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
         self.source = source
         self.template = env.from_string(source)  # a syntax error fails at start-up
         vocab = tokenizer.tok
@@ -89,15 +102,20 @@ class ChatTemplate:
 
     def render(self, req: ChatCompletionRequest) -> str:
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
-        variables = {**(req.chat_template_kwargs or {}), "messages": messages,
+        kwargs = req.chat_template_kwargs or {}
+        if reserved := RESERVED_KWARGS & set(kwargs):
+            raise APIError(400, f"chat_template_kwargs may not set {sorted(reserved)}",
+                           param="chat_template_kwargs")  # fmt: skip
+        variables = {**kwargs, "messages": messages,
                      "add_generation_prompt": req.add_generation_prompt,
                      "bos_token": self.bos, "eos_token": self.eos}  # fmt: skip
         try:
             return self.template.render(**variables)
         except TemplateRaised as err:
             raise APIError(400, f"chat template: {err}", param="messages") from None
-        except (TemplateError, TypeError, ValueError) as err:  # sandbox violations included
-            raise APIError(400, f"chat template failed: {err}", param="messages") from None
+        except Exception as err:  # sandbox violations and any error the template's code raises
+            raise APIError(400, f"chat template failed: {type(err).__name__}: {err}",
+                           param="messages") from None  # fmt: skip
 
 
 def checkpoint_template(model_dir: Path) -> str | None:
@@ -174,6 +192,8 @@ class ChatService:
                  "model": req.model or self.service.limits.model_name,
                  "system_fingerprint": None}  # fmt: skip
         opened: set[int] = set()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        usage_slot = {"usage": None} if include_usage else {}  # OpenAI: null until the last event
         top, as_ids = req.top_logprobs or 0, req.return_tokens_as_token_ids
 
         def chunk(choice: Choice, piece: Piece) -> list[dict]:
@@ -181,18 +201,17 @@ class ChatService:
             if choice.index not in opened:
                 opened.add(choice.index)
                 delta = {"role": "assistant", "content": ""}
-                bodies.append({**frame, "choices": [{"index": choice.index, "delta": delta,
+                bodies.append({**frame, **usage_slot, "choices": [{"index": choice.index, "delta": delta,
                                                      "logprobs": None, "finish_reason": None}]})  # fmt: skip
             logprobs = self._logprobs(piece.logprobs, top, as_ids)
             if piece.text or logprobs or piece.finish_reason:
                 delta = {"content": piece.text} if piece.text else {}
-                bodies.append({**frame, "choices": [{
+                bodies.append({**frame, **usage_slot, "choices": [{
                     "index": choice.index, "delta": delta,
                     "logprobs": logprobs.model_dump() if logprobs else None,
                     "finish_reason": piece.finish_reason}]})  # fmt: skip
             return bodies
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return self.service.events(choices, req.n, chunk, frame if include_usage else None, record)
 
     def _logprobs(self, logp: Logprobs | None, top: int, as_ids: bool) -> ChatLogprobs | None:

@@ -27,7 +27,13 @@ from parcae_serve.server.api.protocol import (
     Usage,
 )
 from parcae_serve.server.api.served_models import ServedModels, UnknownModel
-from parcae_serve.server.api.text import ChoiceText, encode_texts, token_names, token_offsets
+from parcae_serve.server.api.text import (
+    ChoiceText,
+    encode_texts,
+    token_names,
+    token_offsets,
+    with_bos,
+)
 from parcae_serve.server.engine.engine import Engine, QueueFull
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
 from parcae_serve.server.engine.sampling import SamplingParams
@@ -148,9 +154,10 @@ class CompletionService:
     async def prepare(self, req: CompletionRequest) -> list[Choice]:
         """Every check that needs no tokens comes first; tokenising runs off the event loop."""
         self._check_fields(req)
+        given = set(req.model_fields_set)  # what the client set, before its model name applies
         self._apply_model_name(req)
         if req.recurrence_exit is not None and req.recurrence_exit.criterion == "auto":
-            self._choose_from_frontier(req)
+            self._choose_from_frontier(req, "recurrence_depth" in given)
         depth = req.recurrence_depth or self.limits.default_depth
         if depth > self.limits.max_depth:
             raise APIError(400, f"recurrence_depth must be between 1 and {self.limits.max_depth}, "
@@ -194,17 +201,20 @@ class CompletionService:
                 choices.append(choice)
         return choices
 
-    def _choose_from_frontier(self, req: CompletionRequest) -> None:
+    def _choose_from_frontier(self, req: CompletionRequest, depth_given: bool) -> None:
         """`auto`: replace the request's depth and exit with the fastest measured setting within
-        its NLL budget."""
+        its NLL budget (a depth the model name stood for is replaced too)."""
         frontier = self.limits.frontier
         if frontier is None:
             raise APIError(400, "criterion auto needs the model's measured frontier (run `parcae "
                            "calibrate`)", param="recurrence_exit.criterion")  # fmt: skip
-        if "recurrence_depth" in req.model_fields_set:
+        if depth_given:
             raise APIError(400, "criterion auto chooses the depth: drop recurrence_depth",
                            param="recurrence_depth")  # fmt: skip
         point = frontier.cheapest(req.recurrence_exit.max_nll_cost, self.limits.max_depth)
+        if point is None:
+            raise APIError(400, f"no measured setting is within --max-depth "
+                           f"{self.limits.max_depth}", param="recurrence_exit")  # fmt: skip
         req.recurrence_depth = point.depth
         req.recurrence_exit = None if point.criterion is None else RecurrenceExitSpec(
             criterion=point.criterion, threshold=point.threshold, min_depth=1)  # fmt: skip
@@ -292,18 +302,17 @@ class CompletionService:
         ids (lm-eval's two request modes: its tokens never carry BOS) are the same sequence to
         the model and score the same; the added BOS is never echoed (`echo` returns what the
         client sent, each token scored)."""
-        bos = self.tokenizer.bos_id
 
         def work() -> list[tuple[str, list[int], bool]]:
             texts = [p for p in prompts if isinstance(p, str)]
-            encoded = iter(encode_texts(self.tokenizer, texts, add_bos) if texts else [])
+            encoded = iter(encode_texts(self.tokenizer, texts, add_bos=False) if texts else [])
             out = []
             for p in prompts:
-                if isinstance(p, str):
-                    out.append((p, next(encoded), add_bos and bos is not None))
-                else:
-                    added = add_bos and bos is not None and p[0] != bos
-                    out.append((self.tokenizer.decode(p), [bos, *p] if added else list(p), added))
+                text, raw = (
+                    (p, next(encoded)) if isinstance(p, str) else (self.tokenizer.decode(p), p)
+                )
+                ids, added = with_bos(self.tokenizer, raw) if add_bos else (list(raw), False)
+                out.append((text, ids, added))
             return out
 
         out = await asyncio.to_thread(work)
@@ -516,12 +525,13 @@ class CompletionService:
         first byte, so errors still get a proper status code."""
         choices = await self.start(req)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        usage_slot = {"usage": None} if include_usage else {}  # OpenAI: null until the last event
         frame = {"id": self.response_id(record, "cmpl"), "object": "text_completion",
                  "created": int(time.time()), "model": req.model or self.limits.model_name}  # fmt: skip
 
         def chunk(choice: Choice, piece: Piece) -> list[dict]:
             logprobs = piece.logprobs.model_dump() if piece.logprobs else None
-            return [{**frame, "choices": [{"index": choice.index, "text": piece.text,
+            return [{**frame, **usage_slot, "choices": [{"index": choice.index, "text": piece.text,
                                            "logprobs": logprobs,
                                            "finish_reason": piece.finish_reason}]}]  # fmt: skip
 

@@ -27,6 +27,7 @@ class FrontierPoint:
 @dataclass(frozen=True)
 class Frontier:
     points: tuple[FrontierPoint, ...]  # the Pareto front, by NLL
+    measured: tuple[FrontierPoint, ...] = ()  # every point (the front within a depth limit)
 
     @classmethod
     def from_calibration(cls, calibration: dict | None, has_probe: bool) -> Frontier | None:
@@ -34,17 +35,23 @@ class Frontier:
         were measured with is there)."""
         if not calibration or "tokens_per_s_by_depth" not in calibration:
             return None
-        points = [FrontierPoint(int(d), None, None, nll, float(d), calibration["tokens_per_s_by_depth"][d])
-                  for d, nll in calibration["loss_by_depth"].items()]  # fmt: skip
-        points += [FrontierPoint(r["depth"], r["criterion"], r["threshold"], r["nll"],
-                                 r["mean_depth"], r["tokens_per_s"])
-                   for r in calibration.get("adaptive", [])
-                   if has_probe or r["criterion"] != "learned"]  # fmt: skip
-        return cls(tuple(sorted(pareto(points), key=lambda p: p.nll)))
+        speed = calibration["tokens_per_s_by_depth"]
+        points = [FrontierPoint(int(d), None, None, nll, float(d), speed[d])
+                  for d, nll in calibration["loss_by_depth"].items() if d in speed]  # fmt: skip
+        fields = ("depth", "criterion", "threshold", "nll", "mean_depth", "tokens_per_s")
+        points += [FrontierPoint(*(r[f] for f in fields)) for r in calibration.get("adaptive", [])
+                   if all(f in r for f in fields)
+                   and (has_probe or r["criterion"] != "learned")]  # fmt: skip
+        if not points:
+            return None
+        return cls(tuple(sorted(pareto(points), key=lambda p: p.nll)), tuple(points))
 
-    def cheapest(self, max_nll_cost: float, max_depth: int) -> FrontierPoint:
-        """The fastest point within `max_nll_cost` of the best NLL (and within --max-depth)."""
-        usable = [p for p in self.points if p.depth <= max_depth] or list(self.points)
+    def cheapest(self, max_nll_cost: float, max_depth: int) -> FrontierPoint | None:
+        """The fastest point within `max_nll_cost` of the best NLL among the points within
+        --max-depth (None if no measured point is)."""
+        usable = [p for p in self.measured or self.points if p.depth <= max_depth]
+        if not usable:
+            return None
         best = min(p.nll for p in usable)
         ok = [p for p in usable if p.nll <= best * (1 + max_nll_cost)]
         return max(ok, key=lambda p: p.tokens_per_s)

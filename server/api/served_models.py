@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from parcae_serve.server.api.protocol import RecurrenceExitSpec
+from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
 
 DEPTH_NAME = re.compile(r"T([1-9][0-9]{0,5})")
 LISTED_DEPTH_MULTIPLES = (1, 2, 4)  # @T<n> listed in /v1/models for n = 1, 2, 4 and k * mu
@@ -23,10 +24,17 @@ class LoopingFields(BaseModel):
     """The request fields a model name can stand for (what a preset's JSON may hold)."""
 
     model_config = ConfigDict(extra="forbid")
-    recurrence_depth: int | None = None
+    recurrence_depth: int | None = Field(default=None, ge=1)
     recurrence_exit: RecurrenceExitSpec | None = None
     recurrence_warm_start: bool | None = None
     kv_policy: str | None = None
+
+    @field_validator("kv_policy")
+    @classmethod
+    def _known_policy(cls, value: str | None) -> str | None:
+        if value is not None:
+            LoopSlotPolicy.parse(value)  # ValueError with the accepted forms
+        return value
 
     def given(self) -> dict:
         return self.model_dump(exclude_none=True)
@@ -64,6 +72,21 @@ class ServedModels:
     @property
     def primary(self) -> str:
         return self.aliases[0]
+
+    def check_presets(self, can_auto: bool, can_learn: bool) -> None:
+        """Refuse, at start-up, a preset every request would get a 400 for."""
+        for name, preset in self.presets.items():
+            depth, rule = preset.recurrence_depth, preset.recurrence_exit
+            if depth is not None and depth > self.max_depth:
+                raise ValueError(
+                    f"--preset {name}: depth {depth} exceeds --max-depth {self.max_depth}"
+                )
+            if rule is not None and rule.criterion == "auto" and not can_auto:
+                raise ValueError(
+                    f"--preset {name}: criterion auto needs calibration.json's frontier"
+                )
+            if rule is not None and rule.criterion == "learned" and not can_learn:
+                raise ValueError(f"--preset {name}: criterion learned needs an exit probe")
 
     def resolve(self, name: str | None) -> LoopingFields:
         """The looping fields `name` stands for; UnknownModel if it is not served. `ID@T<n>`

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import typing
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from parcae_serve.server.api.served_models import parse_presets
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
@@ -26,7 +28,7 @@ class ServerSettings(BaseSettings):
     tokenizer: str | None = Field(
         None, description="directory with tokenizer.json, if the checkpoint has none"
     )
-    served_model_name: list[str] | None = Field(
+    served_model_name: Annotated[list[str] | None, NoDecode] = Field(
         None,
         description="model ids the API answers to, the first one primary (several allowed, as "
         "vLLM's; default: the checkpoint directory's name). Each also answers as ID@T<n> "
@@ -38,7 +40,7 @@ class ServerSettings(BaseSettings):
         description="recurrence depth of a request that names none (default: the model's "
         "mean_recurrence)",
     )
-    preset: list[str] = Field(
+    preset: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="named looping settings a request selects by model name ID@NAME: NAME=JSON "
         'of the request\'s looping fields, e.g. fast={"recurrence_depth":2} or '
@@ -51,7 +53,7 @@ class ServerSettings(BaseSettings):
         "/v1/chat/completions (default: the checkpoint's tokenizer_config.json chat_template, "
         "else a plain 'role: content' template for base models)",
     )
-    allowed_origins: list[str] = Field(
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="CORS: browser origins allowed to call the API ('*' for any); none by "
         "default, so no browser page can use a server it did not open to it",
@@ -104,7 +106,7 @@ class ServerSettings(BaseSettings):
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")
-    api_key: list[str] = Field(
+    api_key: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="require 'Authorization: Bearer KEY' on /v1/* (as vLLM: /health, /metrics, /version and "
         "the tokenizer endpoints stay open); "
@@ -128,10 +130,48 @@ class ServerSettings(BaseSettings):
             raise ValueError("give depths as comma-separated positive integers, e.g. 4,8,12")
         return value
 
+    @field_validator("served_model_name", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return env_list(value, split=True)
+
+    @field_validator("preset", "api_key", mode="before")
+    @classmethod
+    def _item_list(cls, value: object) -> object:
+        return env_list(value, split=False)
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _plain_names(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(not name or "@" in name for name in value):
+            raise ValueError("model names must be non-empty and without '@' (ID@... selects a "
+                             "depth or a preset)")  # fmt: skip
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_empty_key(cls, value: list[str]) -> list[str]:
+        if any(not key.strip() for key in value):
+            raise ValueError("an API key must not be empty")
+        return value
+
     @field_validator("preset")
     @classmethod
     def _presets(cls, value: list[str]) -> list[str]:
         parse_presets(value)  # raises ValueError naming the bad one
+        return value
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _keys_in_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            keys = read_key_file(value)
+        except OSError as err:
+            raise ValueError(f"cannot read {value}: {err.strerror}") from None
+        if not keys:
+            raise ValueError(f"{value} holds no key (an unfilled secret must not switch auth off)")
         return value
 
     @model_validator(mode="after")
@@ -177,6 +217,25 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
         first = err.errors()[0]
         where = f"--{str(first['loc'][0]).replace('_', '-')}: " if first["loc"] else ""
         parser.error(where + first["msg"].removeprefix("Value error, "))
+
+
+def read_key_file(path: str) -> list[str]:
+    """API keys, one per line (blank lines and # comments skipped). OSError if unreadable."""
+    lines = Path(path).read_text().splitlines()
+    return [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+
+
+def env_list(value: object, split: bool) -> object:
+    """A list setting from an environment variable: a JSON list, or one value ("" for none;
+    comma-separated values where `split`). Flags arrive as lists already."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        return json.loads(text)
+    return [v.strip() for v in text.split(",") if v.strip()] if split else [text]
 
 
 def _is_list(annotation: object) -> bool:

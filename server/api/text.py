@@ -51,11 +51,20 @@ def parse_client_json(body: bytes) -> Any:
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], add_bos: bool = True) -> list[list[int]]:
-    """Tokenise several texts at once. Blocking but GIL-free (the Rust batch call releases it), so
-    callers run it in a worker thread and the event loop keeps serving."""
+    """Tokenise several texts at once (with BOS first if `add_bos`, see `with_bos`). Blocking
+    but GIL-free (the Rust batch call releases it), so callers run it in a worker thread and the
+    event loop keeps serving."""
     encodings = tokenizer.tok.encode_batch(texts, add_special_tokens=False)
-    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    return [bos + e.ids for e in encodings]
+    return [with_bos(tokenizer, e.ids)[0] if add_bos else e.ids for e in encodings]
+
+
+def with_bos(tokenizer: Tokenizer, ids: list[int]) -> tuple[list[int], bool]:
+    """`ids` starting with BOS, and whether it was added here: not when they already start with
+    it (a text that begins with the BOS string, token ids that carry it), nor without a BOS."""
+    bos = tokenizer.bos_id
+    if bos is None or (ids and ids[0] == bos):
+        return list(ids), False
+    return [bos, *ids], True
 
 
 def longest_token_chars(tokenizer: Tokenizer) -> int:

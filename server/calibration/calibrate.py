@@ -2,10 +2,12 @@
 
     parcae calibrate --model DIR        (or: python -m parcae_serve.server.calibration.calibrate --model DIR)
 
-Fixed T = 1 ... 4*mu_rec and a sweep of `kl` / `residual` exit thresholds, each measured by
+Trains the learned exit probe (server/calibration/learned_exit.py) on held-out windows the
+evaluation does not use, measures the oracle exit, then fixed T = 1 ... 4*mu_rec and a sweep
+of `kl` / `residual` / `learned` exit thresholds, each measured by
 teacher-forced decode through the serving path (`parcae_serve.server.calibration.evaluation`). Fits the paper's
-L(T) = L_inf + Z exp(-z T) and writes `calibration.json` next to the checkpoint, which the
-server publishes in /v1/models. Also measures each candidate KV loop-slot policy's NLL cost
+L(T) = L_inf + Z exp(-z T) and writes `calibration.json` (then `exit_probe.safetensors`) next
+to the checkpoint, which the server publishes in /v1/models (and `auto` exits choose from). Also measures each candidate KV loop-slot policy's NLL cost
 against per-loop and its cache bytes per token at T = mu_rec and 2*mu_rec (decoding through
 the cache), which `--kv-policy auto` chooses from; `--kv-policies-only` measures just those
 and updates an existing file.
@@ -135,16 +137,15 @@ def calibrate(
         "kv_policies": kv_policy_table(model, data, mu, log=log),
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {path}")
+    probe.save(path.parent)  # last, beside the table its `learned` rows were measured with
+    log(f"wrote {path} and {path.parent / 'exit_probe.safetensors'}")
     return report
 
 
 def fit_probe(model, directory: Path, skip: int, length: int, cap: int, log) -> tuple:
-    """Train the learned exit probe on held-out windows after the evaluation's `skip` and save it
-    beside the checkpoint (exit_probe.safetensors)."""
+    """Train the learned exit probe on held-out windows after the evaluation's `skip`."""
     windows = heldout_sequences(Tokenizer.from_dir(directory), skip + PROBE_SEQUENCES, length)
     probe, report = train_exit_probe(model, trace_loops(model, windows[skip:], cap), EXIT_EPSILON)
-    probe.save(directory)
     log(f"exit probe: {report}")
     return probe, {**report, "epsilon": EXIT_EPSILON, "cap": cap, "sequences": len(windows) - skip}
 

@@ -50,8 +50,10 @@ def teacher_forced_nll(
     param = next(model.parameters())
     slot_policy = LoopSlotPolicy.parse(policy)
     outer, rec = token_bytes(model.cfg, param.dtype)
-    per_token = outer + slot_policy.num_slots(depth) * rec
-    budget = per_token * len(sequences) * (length + 16)  # every sequence whole, one block spare
+    bytes_per_token = outer + slot_policy.num_slots(depth) * rec
+    budget = (
+        bytes_per_token * len(sequences) * (length + 16)
+    )  # every sequence whole, one block spare
     cache = KVCache(model.cfg, slot_policy, budget, depth, device=param.device, dtype=param.dtype)
     runner = ModelRunner(model, cache, exit_probe=exit_probe)
     seqs = []

@@ -38,6 +38,8 @@ class EngineConfig:
     block_size: int = 16
     eos_id: int | None = None
     compile: str = "off"  # compiled decode path: "off" | "eager" | "inductor" | "cudagraphs"
+    typical_depth: int | None = None  # the depth most requests run (default: mean_recurrence):
+    # how the pool is split between outer and recurrent blocks
 
 
 class Engine:
@@ -60,7 +62,7 @@ class Engine:
             model.cfg,
             policy,
             config.kv_cache_bytes,
-            typical_depth=model.cfg.mean_recurrence,
+            typical_depth=config.typical_depth or model.cfg.mean_recurrence,
             block_size=config.block_size,
             device=device,
             dtype=dtype,

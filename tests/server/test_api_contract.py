@@ -307,3 +307,5 @@ def test_every_prompt_starts_with_bos_unless_told_not_to(live_server: str) -> No
     off = without["choices"][0]["logprobs"]
     assert off["tokens"] == lp["tokens"] and off["token_logprobs"][0] is None
     assert without["usage"]["prompt_tokens"] == len(ids)
+    spelled = complete(live_server, {**body, "prompt": "<|bos|>x = 1"})  # BOS as text: not twice
+    assert spelled["usage"]["prompt_tokens"] == len(ids) + 1

@@ -19,7 +19,7 @@ LONG = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "recurrence_depth"
 def running(url: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     return float(next(line.split()[1] for line in text.splitlines()
-                      if line.startswith("parcae_requests_running ")))  # fmt: skip
+                      if line.startswith("parcae_requests_running{")))  # fmt: skip
 
 
 def test_drain_grace_ends_running_requests_and_exits_zero(tiny_model_dir) -> None:

@@ -138,3 +138,33 @@ def test_fields_the_chat_endpoint_sets_itself_cannot_collide(live_server: str, m
     assert all(
         t["token"].startswith("token_id:") for t in r.json()["choices"][0]["logprobs"]["content"]
     )
+
+
+def test_template_environment_matches_transformers() -> None:
+    from parcae_serve.model.loading import builtin_checkpoint
+    from parcae_serve.model.tokenizer import Tokenizer
+    from parcae_serve.server.api.chat import ChatTemplate
+    from parcae_serve.server.api.completions import APIError
+    from parcae_serve.server.api.protocol import ChatCompletionRequest
+
+    tok = Tokenizer.from_dir(builtin_checkpoint())
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    req = ChatCompletionRequest(
+        messages=[{"role": "user", "content": parts}, {"role": "user", "content": "é"}]
+    )
+    loop = (
+        "{% for m in messages %}{{ m.content | tojson(ensure_ascii=False) }}{% break %}{% endfor %}"
+    )
+    assert ChatTemplate(loop, tok).render(req) == '"a\\nb"'  # parts joined by newlines, as vLLM
+    assert ChatTemplate("{{ strftime_now('%Y') | length }}", tok).render(req) == "4"
+    for bad in (
+        "{{ 1 / 0 }}",
+        "{{ range(10**9) | list | length }}",
+        "{{ ''.__class__.__mro__ }}x{{ [].append(1) }}",
+    ):
+        with pytest.raises(APIError) as err:
+            ChatTemplate(bad, tok).render(req)
+        assert err.value.status == 400
+    sneaky = req.model_copy(update={"chat_template_kwargs": {"tools": [{"type": "function"}]}})
+    with pytest.raises(APIError):
+        ChatTemplate("{{ tools }}", tok).render(sneaky)

@@ -35,3 +35,32 @@ def test_environment_variables_set_defaults_and_flags_override(monkeypatch) -> N
     assert parse_args([]).max_depth == 12
     assert parse_args([]).kv_policy == "last:2"
     assert parse_args(["--max-depth", "7"]).max_depth == 7
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "expected"),
+    [({"PARCAE_API_KEY": ""}, "api_key", []),
+     ({"PARCAE_API_KEY": "sk-abc"}, "api_key", ["sk-abc"]),
+     ({"PARCAE_API_KEY": '["a", "b"]'}, "api_key", ["a", "b"]),
+     ({"PARCAE_SERVED_MODEL_NAME": "m, m2"}, "served_model_name", ["m", "m2"]),
+     ({"PARCAE_ALLOWED_ORIGINS": ""}, "allowed_origins", []),
+     ({"PARCAE_PRESET": 'fast={"recurrence_depth":2}'}, "preset", ['fast={"recurrence_depth":2}'])],
+)  # fmt: skip
+def test_list_settings_read_plain_environment_values(monkeypatch, env, field, expected) -> None:
+    """A deploy sets PARCAE_API_KEY to one key, or to nothing: neither may stop the server."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert getattr(parse_args([]), field) == expected
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--api-key-file", "{empty}"], ["--api-key", ""], ["--served-model-name", "a@T4"],
+     ["--preset", 'x={"recurrence_depth":0}'], ["--preset", 'x={"kv_policy":"bogus"}'],
+     ["--default-depth", "65"]],
+)  # fmt: skip
+def test_settings_that_would_fail_every_request_are_refused_at_start(tmp_path, flags) -> None:
+    empty = tmp_path / "keys"
+    empty.write_text("# to be filled\n\n")
+    with pytest.raises(SystemExit):
+        parse_args([f.replace("{empty}", str(empty)) for f in flags])

@@ -110,7 +110,7 @@ def test_server_warms_its_decode_graphs_before_it_is_ready(tiny_model_dir) -> No
             out = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).json()
             metrics = httpx.get(f"{s.url}/metrics").text
         compiled = float(
-            re.search(r"^parcae_compiled_decode_tokens_total (\S+)$", metrics, re.M)[1]
+            re.search(r"^parcae_compiled_decode_tokens_total\{[^}]*\} (\S+)$", metrics, re.M)[1]
         )
         results[mode] = (out["choices"][0]["text"], out["choices"][0]["logprobs"], compiled)
     (text, logprobs, none), (fast_text, fast_logprobs, some) = results["off"], results["eager"]

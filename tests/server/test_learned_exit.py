@@ -119,3 +119,18 @@ def test_auto_picks_the_fastest_point_within_the_budget(calibrated) -> None:
             f"{server.url}/v1/completions", json={**body, "recurrence_exit": {"criterion": "auto"}}
         )
         assert missing.status_code == 400
+
+
+def test_auto_chooses_within_max_depth_even_off_the_global_front() -> None:
+    """The front over every depth may hold only points deeper than --max-depth allows; auto
+    must then pick among the allowed ones, not a depth the request would be refused."""
+    calibration = {"loss_by_depth": {"4": 2.0, "8": 1.9}, "tokens_per_s_by_depth": {"4": 100, "8": 50},
+                   "adaptive": [{"criterion": "kl", "threshold": 0.01, "depth": 12, "nll": 1.85,
+                                 "mean_depth": 5.0, "tokens_per_s": 120}]}  # fmt: skip
+    frontier = Frontier.from_calibration(calibration, has_probe=False)
+    assert [p.depth for p in frontier.points] == [12]
+    assert frontier.cheapest(0.0, max_depth=8).depth == 8
+    assert frontier.cheapest(0.1, max_depth=8).depth == 4
+    assert frontier.cheapest(0.1, max_depth=2) is None
+    learned = {**calibration, "adaptive": [{**calibration["adaptive"][0], "criterion": "learned"}]}
+    assert [p.depth for p in Frontier.from_calibration(learned, has_probe=False).points] == [8, 4]

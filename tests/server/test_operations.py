@@ -136,3 +136,20 @@ def test_a_template_cannot_reach_python(tiny_model_dir: Path, tmp_path: Path) ->
         r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 400, r.text
         assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_client_text_cannot_forge_log_lines(ops) -> None:
+    url, log = ops
+    complete(
+        url,
+        {"model": "alpha\nreq=FORGED POST /x 200", "prompt": "x"},
+        **{"X-Request-Id": "trace-f1"},
+    )
+    httpx.get(f"{url}/v1%0Areq=FORGED2%20GET%20/x%20200", headers=auth())
+    spaced = complete(url, {"prompt": "x", "max_tokens": 1}, **{"X-Request-Id": "a b=c"})
+    assert spaced.headers["x-request-id"] != "a b=c"  # ids are [A-Za-z0-9._:-] only
+    lines = log.read_text().splitlines()
+    assert not [x for x in lines if "req=FORGED" in x.split(" parcae.access ")[-1][:12]]
+    assert any(
+        "req=trace-f1 POST /v1/completions 404 model=alpha%0Areq%3DFORGED" in x for x in lines
+    )
