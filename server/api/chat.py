@@ -34,6 +34,7 @@ from parcae_serve.server.api.protocol import (
     ChatCompletionResponse,
     ChatLogprobs,
     CompletionRequest,
+    GenerationFields,
     Logprobs,
     TokenLogprob,
     TopLogprob,
@@ -47,11 +48,7 @@ DEFAULT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 # The fields a chat request passes to the completions service unchanged.
-SHARED_FIELDS = ("model", "temperature", "top_p", "n", "stream", "stream_options", "stop",
-                 "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
-                 "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
-                 "return_tokens_as_token_ids", "recurrence_depth", "recurrence_exit",
-                 "recurrence_warm_start", "kv_policy")  # fmt: skip
+SHARED_FIELDS = tuple(GenerationFields.model_fields)
 
 
 # variables the server sets, and what a client may not slip in past the refused fields

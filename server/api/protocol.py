@@ -94,22 +94,19 @@ def _list_of(item: object) -> object:
 Prompt = Union[str, _list_of(str), _list_of(int), _list_of(_list_of(int))]  # noqa: UP007
 
 
-class CompletionRequest(BaseModel):
-    """Fields not declared here are kept in `model_extra`: the service refuses the known ones it
-    does not implement (REFUSED_FIELDS) and logs the others once as ignored."""
+class GenerationFields(BaseModel):
+    """What completions and chat requests share: sampling (OpenAI's and vLLM's extensions) and
+    the looping fields. Fields not declared are kept in `model_extra`: the service refuses the
+    known ones it does not implement (REFUSED_FIELDS) and logs the others once as ignored."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    prompt: Prompt
-    max_tokens: int | None = Field(default=16, ge=0)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-1, le=2**62, description="-1: random")
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -125,13 +122,20 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] | None = None
-    add_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
     # looping fields
     recurrence_depth: int | None = Field(default=None, ge=1)
     recurrence_exit: RecurrenceExitSpec | None = None
     recurrence_warm_start: bool = False
     kv_policy: str | None = None  # per-request loop-slot policy, if no more slots than the server's
+
+
+class CompletionRequest(GenerationFields):
+    prompt: Prompt
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    add_special_tokens: bool = True
 
 
 class RecurrenceUsage(BaseModel):
@@ -274,44 +278,16 @@ CHAT_REFUSED_FIELDS: dict[str, tuple] = {
 }
 
 
-class ChatCompletionRequest(BaseModel):
-    """The chat fields; sampling and looping fields mean what they mean in CompletionRequest.
-    Unknown fields are kept (`model_extra`) and judged as the completions endpoint does."""
+class ChatCompletionRequest(GenerationFields):
+    """The chat fields; the shared ones mean what they mean for completions."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     max_tokens: int | None = Field(default=None, ge=0, description="deprecated by OpenAI")
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-1, le=2**62, description="-1: random")
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    # vLLM's extensions
-    top_k: int = Field(default=-1, ge=-1)
-    min_p: float = Field(default=0.0, ge=0, le=1)
-    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10)
-    ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: list[int] | None = None
-    return_tokens_as_token_ids: bool = False
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    # looping fields
-    recurrence_depth: int | None = Field(default=None, ge=1)
-    recurrence_exit: RecurrenceExitSpec | None = None
-    recurrence_warm_start: bool = False
-    kv_policy: str | None = None
 
 
 class TopLogprob(BaseModel):

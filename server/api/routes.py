@@ -157,15 +157,7 @@ COMPLETION_OK = {
     responses={200: COMPLETION_OK, **_errors(400, 401, 404, 413, 429, 503)},
 )  # fmt: skip
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    state = serving(request)
-    service, record = state.service, access_record(request, body.model)
-    try:
-        if body.stream:
-            events = await service.stream(body, record)
-            return StreamingResponse(events, media_type="text/event-stream")
-        return await _until_disconnect(request, service.complete(body, record))
-    except QueueFull:
-        raise queue_full() from None
+    return await generate(request, serving(request).service, body)
 
 
 CHAT_OK = {
@@ -181,13 +173,18 @@ CHAT_OK = {
     responses={200: CHAT_OK, **_errors(400, 401, 404, 413, 429, 503)},
 )  # fmt: skip
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    state = serving(request)
-    chat, record = state.chat, access_record(request, body.model)
+    return await generate(request, serving(request).chat, body)
+
+
+async def generate(request: Request, service, body) -> Response:
+    """A completions or chat request through its service: SSE when streamed, else the whole
+    response (its sequences freed if the client goes away)."""
+    record = access_record(request, body.model)
     try:
         if body.stream:
-            events = await chat.stream(body, record)
+            events = await service.stream(body, record)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await _until_disconnect(request, chat.complete(body, record))
+        return await _until_disconnect(request, service.complete(body, record))
     except QueueFull:
         raise queue_full() from None
 

@@ -293,6 +293,8 @@ def test_cli_calibrate_measures_and_writes_the_curve(
     assert cli.main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report["loss_by_depth"]) >= {"1", "2", "3", "6", "12"}  # mu_rec = 3: up to 4*mu
-    assert {r["criterion"] for r in report["adaptive"]} == {"kl", "residual"}
+    assert {r["criterion"] for r in report["adaptive"]} == {"kl", "residual", "learned"}
+    assert (tmp_path / "exit_probe.safetensors").exists()  # beside --out, not in the checkpoint
+    assert not (tiny_model_dir / "exit_probe.safetensors").exists()
     assert {"L_inf", "Z", "z"} <= set(report["fit"])
     assert json.loads(capsys.readouterr().out)["loss_by_depth"] == report["loss_by_depth"]

@@ -177,7 +177,8 @@ def test_pool_exhaustion_queues_then_preempts_and_still_matches_reference() -> N
         assert all(r == expected for r in results.values())
         wait_idle(eng)
         assert eng.cache.used_bytes == 0
-        assert eng.metrics.requests.labels("length")._value.get() == 4
+        finished = {"model_name": "", "finished_reason": "length"}
+        assert eng.metrics.registry.get_sample_value("parcae_requests_total", finished) == 4
         assert eng.scheduler.config.max_batch >= 4  # so memory, not slots, forced the waits
     finally:
         eng.stop()

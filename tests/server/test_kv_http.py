@@ -53,7 +53,8 @@ def reference_greedy(model, prompt: list[int], depth: int, n: int) -> list[int]:
 
 
 def test_default_flags_serve_a_released_checkpoint_exactly(tmp_path: Path, tiny_model_dir) -> None:
-    vocab = Tokenizer.from_dir(tiny_model_dir).vocab_size
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    vocab = tok.vocab_size
     cfg = ParcaeConfig(n_embd=64, num_attention_heads=4, vocab_size=vocab, state_init="normal",
                        value_embed_layers=[0, 2, 3], mean_recurrence=3, block_size=256)  # fmt: skip
     model = random_model(cfg, seed=5)
@@ -65,7 +66,7 @@ def test_default_flags_serve_a_released_checkpoint_exactly(tmp_path: Path, tiny_
         assert card["kv_policy"] == "per-loop"
         assert "no measured" in card["kv_policy_reason"]
         got, _ = complete(server.url, prompt, max_tokens=12)
-    assert got == reference_greedy(model, prompt, 3, 12)
+    assert got == reference_greedy(model, [tok.bos_id, *prompt], 3, 12)  # the server adds BOS
 
 
 def test_auto_takes_a_measured_policy_within_the_bound(tmp_path: Path, tiny_model_dir) -> None:
@@ -134,6 +135,6 @@ def test_preemption_and_prefix_reuse_never_change_a_response(tiny_model_dir) -> 
         )
         before = hits()
         warm = complete(server.url, long, max_tokens=8)
-        assert hits() == before + (len(long) - 1) // 4 * 4  # tokens, whole blocks of 4
+        assert hits() == before + len(long) // 4 * 4  # BOS + 40 tokens: whole blocks of 4
         assert warm[0] == cold[0]
         assert torch.allclose(torch.tensor(warm[1]), torch.tensor(cold[1]), atol=1e-4)
