@@ -45,8 +45,10 @@ def main() -> None:
         color="gray",
         label=f"fit: {fit['L_inf']:.3f} + {fit['Z']:.3f}·exp(-{fit['z']:.3f}·T)",
     )
-    for criterion, marker in (("kl", "s"), ("residual", "^")):
+    for criterion, marker in (("kl", "s"), ("residual", "^"), ("learned", "D")):
         rows = [r for r in cal["adaptive"] if r["criterion"] == criterion]
+        if not rows:
+            continue
         ax.plot(
             [r["mean_depth"] for r in rows],
             [r["nll"] for r in rows],
@@ -54,6 +56,10 @@ def main() -> None:
             alpha=0.8,
             label=f"adaptive exit ({criterion}), cap T={rows[0]['depth']}",
         )
+    if "oracle" in cal:
+        o = cal["oracle"]
+        ax.plot([o["mean_depth"]], [o["nll"]], "*", markersize=12, color="gold",
+                markeredgecolor="black", label=f"oracle exit (eps {o['epsilon']}, cap {o['cap']})")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("loops per token (mean)")
     ax.set_ylabel("held-out NLL (nats/token)")

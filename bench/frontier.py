@@ -63,6 +63,7 @@ def pareto(points: list[dict]) -> list[dict]:
 
 def measure(model, data, probe, mu: int, log) -> dict:
     cap = 2 * mu
+    teacher_forced_nll(model, data, cap, exit=RecurrenceExit("residual", 0.1))  # warm-up
     fixed, per_token = [], []
     for depth in range(1, cap + 1):
         quality = teacher_forced_nll(model, data, depth, per_token=True)
@@ -130,6 +131,26 @@ def verdict(result: dict) -> dict:
             "oracle_speedup_at_best_fixed_nll": ideal and ideal / best["tokens_per_s"]}  # fmt: skip
 
 
+def markdown(result: dict) -> str:
+    """The tables bench/RESULTS.md carries."""
+    front = {id(p) for p in result["pareto"]}
+    rows = ["| point | mean loops | NLL | tokens/s | on the front |", "|---|---|---|---|---|"]
+    for p in [*result["fixed"], *result["rules"]]:
+        name = (
+            f"fixed T={p['depth']}" if p["kind"] == "fixed" else f"{p['kind']} {p['threshold']:g}"
+        )
+        rows.append(f"| {name} | {p['mean_depth']:.2f} | {p['nll']:.4f} | {p['tokens_per_s']:.0f} "
+                    f"| {'yes' if id(p) in front else ''} |")  # fmt: skip
+    for o in result["oracle"]:
+        rows.append(f"| oracle eps {o['epsilon']} | {o['mean_depth']:.2f} | {o['nll']:.4f} | "
+                    f"{o['tokens_per_s']:.0f} (fixed-depth speed at its loops) | |")  # fmt: skip
+    overhead = ", ".join(f"{k} {v:+.1%}" for k, v in result["overhead"].items())
+    return (
+        "\n".join(rows)
+        + f"\n\nExit test overhead per loop (never-firing rule vs fixed T=cap): {overhead}\n"
+    )
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -185,6 +206,7 @@ def main() -> None:
     result.update(streams=len(data), tokens=args.tokens, threads=args.threads,
                   model=directory.name, pareto=pareto(points), seconds=round(time.time() - started))  # fmt: skip
     result["verdict"] = verdict(result)
+    print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
