@@ -12,7 +12,6 @@ arXiv 2207.07061, sec. 3.1; Continuous Depth Batching, arXiv 2608.09444).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -53,9 +52,10 @@ class ExitProbe(nn.Module):
         """Probability (n,) that no further loop lowers the token's loss by more than epsilon."""
         return torch.sigmoid(self.logit(before, after, ran))
 
-    def logit(self, before: Tensor, after: Tensor, ran: int) -> Tensor:
+    def logit(self, before: Tensor, after: Tensor, ran: int | Tensor) -> Tensor:
         """The probe's logit (n,), as `linear(features)` but without building the features: two
-        dot products and two norms per token (what decode pays per loop)."""
+        dot products and two norms per token (what decode pays per loop). `ran`: the loop just
+        run, one for all rows or (n,) per row."""
         d = (self.linear.in_features - EXTRA) // 2
         w, b = self.linear.weight[0], self.linear.bias[0]
         after = after.float()
@@ -72,13 +72,12 @@ class ExitProbe(nn.Module):
             + constant
         )
 
-    def exits(self, before: Tensor, after: Tensor, ran: int, threshold: float) -> Tensor:
-        """(n,) bool: probability >= threshold, compared as logits (no sigmoid)."""
-        if threshold <= 0:
-            return torch.ones(len(after), dtype=torch.bool, device=after.device)
-        if threshold >= 1:
-            return torch.zeros(len(after), dtype=torch.bool, device=after.device)
-        return self.logit(before, after, ran) >= math.log(threshold / (1 - threshold))
+    def exits(
+        self, before: Tensor, after: Tensor, ran: int | Tensor, threshold: float | Tensor
+    ) -> Tensor:
+        """(n,) bool: probability >= threshold (one, or (n,) per row), compared as logits."""
+        q = torch.as_tensor(threshold, dtype=torch.float32, device=after.device)
+        return self.logit(before, after, ran) >= torch.logit(q)  # q = 0: always; q = 1: never
 
     def save(self, directory: Path) -> None:
         meta = {"mean_recurrence": str(self.mean_recurrence), "epsilon": str(self.epsilon),

@@ -73,6 +73,8 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.n_prelude = model.cfg.n_layers_in_prelude
         self._loop_key: tuple | None = None
+        self._plan_key: tuple | None = None
+        self._plan: tuple | None = None
         self._loop_ctx: tuple[PagedAttention, dict] | None = None
         self._like = torch.empty(0, device=self.device, dtype=self.dtype)
         self.decoder = (
@@ -190,13 +192,19 @@ class ModelRunner:
         ctx, rots = self._loop_context(groups, idxs, gather)
         h, prepared, ids = gather("h"), gather("prepared"), gather("ids")
         new_h = self.model.core(h[None], prepared[None], ids[None], rots, ctx, loop=0)[0]
+        state_exits = self._state_exits(groups, h, new_h)  # every group's rows in one pass
         offset = 0
         for g, idx in zip(groups, idxs, strict=True):
             n = g.n_active
             out = new_h[offset : offset + n]
+            exited = state_exits[offset : offset + n] if state_exits is not None else None
             offset += n
-            before = g.h if idx is None else g.h[idx]
-            exited = self._exits(g, slice(None) if idx is None else idx, before, out)
+            rule = g.seq.request.loops.exit
+            if rule is not None and rule.criterion == "kl":
+                before = g.h if idx is None else g.h[idx]
+                exited = self._kl_exits(g, slice(None) if idx is None else idx, before, out)
+            elif rule is None or g.loop + 1 < rule.min_depth:
+                exited = None
             if idx is None:
                 g.h = out
                 g.loops_used += 1
@@ -229,23 +237,71 @@ class ModelRunner:
         self._loop_key, self._loop_ctx = key, (ctx, rots)
         return ctx, rots
 
-    def _exits(
+    def _state_exits(self, groups: list[InFlight], before: Tensor, after: Tensor) -> Tensor | None:
+        """The exit decisions of the state rules (residual, learned) for every active row of
+        every group, computed over the whole batch at once and brought to the host in one
+        transfer: (rows,) bool on the CPU, or None when no group uses such a rule."""
+        plan = self._exit_plan(groups)
+        if plan is None:
+            return None
+        threshold, residual, learned = plan
+        decided = None
+        if residual is not False:
+            after32 = after.float()  # no-op in fp32; bf16 norms are too coarse for a threshold
+            ratio = (after32 - before.float()).norm(dim=-1) / after32.norm(dim=-1)
+            decided = ratio < threshold if residual is True else residual & (ratio < threshold)
+        if learned is not False:
+            loops = {g.loop + 1 for g in groups}
+            ran = (
+                loops.pop()
+                if len(loops) == 1
+                else self._per_row([g.loop + 1 for g in groups], groups)
+            )
+            says = self.exit_probe.exits(before, after, ran, threshold)
+            says = says if learned is True else learned & says
+            decided = says if decided is None else decided | says
+        return decided.cpu()
+
+    def _exit_plan(self, groups: list[InFlight]) -> tuple | None:
+        """(threshold, residual rows, learned rows) for this loop's batch: a float and True /
+        False when every group shares one rule (the common case), else per-row tensors; kept
+        while the same tokens loop (building it is pure overhead). None: no state rule."""
+        key = tuple((g.uid, g.n_active) for g in groups)
+        if self._plan_key == key:
+            return self._plan
+        rules = [g.seq.request.loops.exit for g in groups]
+        state = [
+            r if r is not None and r.criterion in ("residual", "learned") else None for r in rules
+        ]
+        if all(r is None for r in state):
+            plan = None
+        elif len({(r.criterion, r.threshold) if r else None for r in state}) == 1:
+            plan = (
+                state[0].threshold,
+                state[0].criterion == "residual",
+                state[0].criterion == "learned",
+            )
+        else:
+            kinds = {r.criterion for r in state if r is not None}
+            rows = {kind: self._per_row([bool(r) and r.criterion == kind for r in state], groups)
+                    if kind in kinds else False for kind in ("residual", "learned")}  # fmt: skip
+            thresholds = self._per_row([r.threshold if r else 0.0 for r in state], groups)
+            plan = (thresholds, rows["residual"], rows["learned"])
+        self._plan_key, self._plan = key, plan
+        return plan
+
+    def _per_row(self, values: list, groups: list[InFlight]) -> Tensor:
+        """One value per group -> one per active row."""
+        sizes = torch.tensor([g.n_active for g in groups], device=self.device)
+        return torch.tensor(values, device=self.device).repeat_interleave(sizes)
+
+    def _kl_exits(
         self, g: InFlight, idx: Tensor | slice, before: Tensor, after: Tensor
     ) -> Tensor | None:
-        """Which of the active tokens `idx` stop after this loop (None: none can yet)."""
+        """Which of the active tokens `idx` stop after this loop under the kl rule (None: none
+        can yet): the coda's distribution after this loop against the previous loop's."""
         rule = g.seq.request.loops.exit
-        if rule is None:
-            return None
         ran = g.loop + 1  # every active token of a group has run the same number of loops
-        if rule.criterion == "learned":
-            if ran < rule.min_depth:
-                return None
-            return self.exit_probe.exits(before, after, ran, rule.threshold).cpu()
-        if rule.criterion == "residual":
-            if ran < rule.min_depth:
-                return None
-            delta = (after - before).float().norm(dim=-1)
-            return (delta / after.float().norm(dim=-1).clamp_min(1e-12) < rule.threshold).cpu()
         if ran + 1 < rule.min_depth:
             return None  # the first comparison that may exit needs this loop's distribution next
         logits = self._probe(g, idx, after)

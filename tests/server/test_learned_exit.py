@@ -134,3 +134,38 @@ def test_auto_chooses_within_max_depth_even_off_the_global_front() -> None:
     assert frontier.cheapest(0.1, max_depth=2) is None
     learned = {**calibration, "adaptive": [{**calibration["adaptive"][0], "criterion": "learned"}]}
     assert [p.depth for p in Frontier.from_calibration(learned, has_probe=False).points] == [8, 4]
+
+
+def test_mixed_exit_rules_in_one_batch_decide_as_they_would_alone() -> None:
+    """The exit tests run vectorised over every group of a loop: a batch mixing residual,
+    learned, kl and no rule gives each request the tokens and depths it gets alone."""
+    from parcae_serve.server.engine.engine import Engine, EngineConfig
+    from parcae_serve.server.engine.sampling import SamplingParams
+    from parcae_serve.server.engine.scheduler import SchedulerConfig
+    from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit
+    from tests.helpers import outputs_together, random_model
+    from tests.server.test_kv_exact import NOISY
+
+    model = random_model(NOISY, seed=3)
+    probe = ExitProbe(NOISY.d_rec, NOISY.mean_recurrence)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(probe.linear.weight, std=0.3)
+    rules = [RecurrenceExit("residual", 0.3, 2), RecurrenceExit("learned", 0.5, 1), None,
+             RecurrenceExit("kl", 0.05, 2), RecurrenceExit("learned", 0.7, 2)]  # fmt: skip
+    requests = [EngineRequest([3 + i, 40, 41, 42 + i], SamplingParams(max_tokens=6, seed=i),
+                              LoopParams(7, rule)) for i, rule in enumerate(rules)]  # fmt: skip
+
+    def run(batch: list) -> list:
+        config = EngineConfig(
+            SchedulerConfig(prefill_chunk=8), "per-loop", kv_cache_bytes=8 * 2**20
+        )
+        engine = Engine(model, config, exit_probe=probe)
+        engine.start()
+        try:
+            return [[(o.token, o.depth) for o in outs] for outs in outputs_together(engine, batch)]
+        finally:
+            engine.stop()
+
+    together = run(requests)
+    assert together == [run([r])[0] for r in requests]
+    assert len({d for outs in together for _, d in outs}) > 2  # the rules really exited apart
