@@ -1,10 +1,12 @@
-"""Exit-test overhead: the share of each loop spent on the vectorised exit test: time inside ModelRunner._state_exits
-against the rest of ModelRunner.loop, teacher-forced decode of 32 held-out streams x 48 tokens on
-the built-in model, depth cap 12, rules that never fire (so every row runs every loop and pays
-the test every loop).
+"""Exit-test overhead: the time inside ModelRunner._state_exits (the vectorised residual / learned
+test) against the rest of ModelRunner.loop, teacher-forced decode of 32 held-out streams x 48
+tokens on the built-in model, cap 12, with rules that never fire (so every row runs every loop
+and pays the test every loop).
 
     python bench/exit_overhead.py
 """
+
+from __future__ import annotations
 
 import sys
 import time
@@ -12,41 +14,48 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-torch.set_num_threads(1)
-from frontier import SKIP_WINDOWS
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from parcae_serve.model.exit_probe import load_exit_probe
-from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
-from parcae_serve.model.tokenizer import Tokenizer
-from parcae_serve.server.calibration.calibrate import heldout_sequences
-from parcae_serve.server.calibration.evaluation import teacher_forced_nll
-from parcae_serve.server.engine import runner as R
-from parcae_serve.server.engine.sequence import RecurrenceExit
+from bench.frontier import SKIP_WINDOWS  # noqa: E402
+from parcae_serve.model.exit_probe import load_exit_probe  # noqa: E402
+from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint  # noqa: E402
+from parcae_serve.model.tokenizer import Tokenizer  # noqa: E402
+from parcae_serve.server.calibration.calibrate import heldout_sequences  # noqa: E402
+from parcae_serve.server.calibration.evaluation import teacher_forced_nll  # noqa: E402
+from parcae_serve.server.engine.runner import ModelRunner  # noqa: E402
+from parcae_serve.server.engine.sequence import RecurrenceExit  # noqa: E402
 
-spent = {"loop": 0.0, "exit": 0.0}
+NEVER = (("residual", 0.0), ("learned", 1.0))
 
 
-def timed(name, fn):
-    def wrapper(*a, **k):
-        t = time.perf_counter()
-        out = fn(*a, **k)
-        spent[name] += time.perf_counter() - t
-        return out
+def timed(spent: dict, name: str, fn):
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - started
 
     return wrapper
 
 
-R.ModelRunner.loop = timed("loop", R.ModelRunner.loop)
-R.ModelRunner._state_exits = timed("exit", R.ModelRunner._state_exits)
-d = builtin_checkpoint()
-m = load_checkpoint(d)
-p = load_exit_probe(d)
-data = heldout_sequences(Tokenizer.from_dir(d), SKIP_WINDOWS + 32, 49)[SKIP_WINDOWS:]
-for crit, never in (("residual", 0.0), ("learned", 1.0), ("residual", 0.0), ("learned", 1.0)):
-    spent.update(loop=0.0, exit=0.0)
-    teacher_forced_nll(m, data, 12, exit=RecurrenceExit(crit, never), exit_probe=p)
-    print(
-        f"{crit}: exit test {spent['exit'] / (spent['loop'] - spent['exit']):.1%} of a loop's cost "
-        f"({spent['exit'] * 1e3:.0f} ms of {spent['loop'] * 1e3:.0f} ms in loops)"
-    )
+def main() -> None:
+    torch.set_num_threads(1)
+    spent = {"loop": 0.0, "exit": 0.0}
+    ModelRunner.loop = timed(spent, "loop", ModelRunner.loop)
+    ModelRunner._state_exits = timed(spent, "exit", ModelRunner._state_exits)
+    directory = builtin_checkpoint()
+    model, probe = load_checkpoint(directory), load_exit_probe(directory)
+    data = heldout_sequences(Tokenizer.from_dir(directory), SKIP_WINDOWS + 32, 49)[SKIP_WINDOWS:]
+    teacher_forced_nll(model, data, 12)  # warm-up
+    for criterion, never in NEVER * 2:
+        spent.update(loop=0.0, exit=0.0)
+        teacher_forced_nll(model, data, 12, exit=RecurrenceExit(criterion, never), exit_probe=probe)
+        share = spent["exit"] / (spent["loop"] - spent["exit"])
+        print(f"{criterion}: exit test {share:.1%} of a loop's cost "
+              f"({spent['exit'] * 1e3:.0f} ms of {spent['loop'] * 1e3:.0f} ms in loops)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

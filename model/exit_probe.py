@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from parcae_serve.model.parcae import frozen
+
 FILE = "exit_probe.safetensors"
 EXTRA = 4  # scalar features after the two directions
 
@@ -56,21 +58,28 @@ class ExitProbe(nn.Module):
         """The probe's logit (n,), as `linear(features)` but without building the features: two
         dot products and two norms per token (what decode pays per loop). `ran`: the loop just
         run, one for all rows or (n,) per row."""
-        d = (self.linear.in_features - EXTRA) // 2
-        w, b = self.linear.weight[0], self.linear.bias[0]
+        w_after, w_step, (w_log, w_r, w_ran, w_inv, bias) = frozen(
+            self, "_split", (self.linear.weight, self.linear.bias), self._split
+        )
         after = after.float()
         step = after - before.float()
         size = after.norm(dim=-1).clamp_min(1e-12)
         moved = step.norm(dim=-1).clamp_min(1e-12)
         r = moved / size
-        constant = b + w[-2] * (ran / self.mean_recurrence) + w[-1] / ran
+        constant = bias + w_ran * (ran / self.mean_recurrence) + w_inv / ran
         return (
-            (after @ w[:d]) / size
-            + (step @ w[d : 2 * d]) / moved
-            + w[-4] * r.log()
-            + w[-3] * r
+            (after @ w_after) / size
+            + (step @ w_step) / moved
+            + w_log * r.log()
+            + w_r * r
             + constant
         )
+
+    def _split(self) -> tuple:
+        """The weight split by feature: the two direction vectors, the scalars as floats."""
+        d = (self.linear.in_features - EXTRA) // 2
+        w = self.linear.weight.detach()[0]
+        return w[:d].clone(), w[d : 2 * d].clone(), [*w[2 * d :].tolist(), self.linear.bias.item()]
 
     def exits(
         self, before: Tensor, after: Tensor, ran: int | Tensor, threshold: float | Tensor
