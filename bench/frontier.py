@@ -12,7 +12,7 @@ mean loop count; and the exit overhead
 per loop (a rule that never fires, against fixed T = cap). Windows skip the first 64 held-out
 ones, which `parcae calibrate` evaluates on and trains the probe on.
 
-Writes bench/out/frontier.json and bench/out/frontier.png (needs matplotlib: the `bench` extra).
+Writes bench/out/frontier.json and bench/frontier.png (needs matplotlib: the `bench` extra).
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel(f"decode tokens/s ({result['streams']} concurrent streams)")
     ax.set_ylabel("held-out NLL (nats/token)")
     best = min(p["nll"] for p in fixed)
-    ax.set_ylim(best - 0.02, best + 0.25)
+    lowest = min([best, *(o["nll"] for o in result["oracle"])])
+    ax.set_ylim(lowest - 0.02, best + 0.25)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/frontier.json")
+    parser.add_argument("--png", type=Path, default=ROOT / "bench/frontier.png")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     directory = args.model or builtin_checkpoint()
@@ -209,7 +211,7 @@ def main() -> None:
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    plot(result, args.png)
     print(json.dumps(result["verdict"], indent=2))
 
 
