@@ -1,7 +1,7 @@
 """Request ids and the access log: the outermost layer, so it sees every request, 401 and 413
 included.
 
-Each request gets an id: the client's `X-Request-Id` if it is sane (printable ASCII, at most
+Each request gets an id: the client's `X-Request-Id` if it is sane (letters, digits, `._:/+=-`, at most
 128 characters; vLLM's header), else a fresh one. It is echoed as `X-Request-Id` on the response,
 names the completion (`cmpl-<id>`, `chatcmpl-<id>`), and starts the request's log line, written
 once the response has ended:
@@ -25,12 +25,13 @@ MAX_ID_CHARS = 128
 RECORD_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "mean_depth", "model")
 
 
-SAFE_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
+SAFE_ID = re.compile(rf"[A-Za-z0-9._:/+=-]{{1,{MAX_ID_CHARS}}}")  # uuids, base64, trace ids
 
 
 def request_id(given: str | None) -> str:
     """The client's id if it is safe to echo into headers, ids and logs (letters, digits and
-    `._:-`, at most 128), else a fresh one."""
+    `._:/+=-`, at most 128: no space, so it cannot add a field to a log line), else a fresh
+    one."""
     return given if given and SAFE_ID.fullmatch(given) else uuid.uuid4().hex
 
 
