@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from parcae_serve.model.exit_probe import load_exit_probe  # noqa: E402
 from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint  # noqa: E402
 from parcae_serve.model.tokenizer import Tokenizer  # noqa: E402
+from parcae_serve.server.api.frontier import pareto  # noqa: E402
 from parcae_serve.server.calibration.calibrate import THRESHOLDS, heldout_sequences  # noqa: E402
 from parcae_serve.server.calibration.evaluation import teacher_forced_nll  # noqa: E402
 from parcae_serve.server.calibration.learned_exit import oracle  # noqa: E402
@@ -51,14 +52,6 @@ def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return ys[-1]
-
-
-def pareto(points: list[dict]) -> list[dict]:
-    """Points no other point beats on both NLL (lower) and tokens/s (higher)."""
-    front = [p for p in points if not any(
-        q["nll"] <= p["nll"] and q["tokens_per_s"] >= p["tokens_per_s"] and q is not p
-        and (q["nll"] < p["nll"] or q["tokens_per_s"] > p["tokens_per_s"]) for q in points)]  # fmt: skip
-    return sorted(front, key=lambda p: p["nll"])
 
 
 def measure(model, data, probe, mu: int, log) -> dict:
@@ -206,7 +199,7 @@ def main() -> None:
     result = measure(model, data, probe, model.cfg.mean_recurrence, print)
     points = [*result["fixed"], *result["rules"]]
     result.update(streams=len(data), tokens=args.tokens, threads=args.threads,
-                  model=directory.name, pareto=pareto(points), seconds=round(time.time() - started))  # fmt: skip
+                  model=directory.name, pareto=pareto(points, lambda p: (p["nll"], p["tokens_per_s"])), seconds=round(time.time() - started))  # fmt: skip
     result["verdict"] = verdict(result)
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ from parcae_serve.server.engine.sequence import EngineRequest, LoopParams
 
 log = logging.getLogger("parcae.serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEPTH_TABLES = ("calibration.json", "training.json")  # where a loss-by-depth table may live
 
 
 def resolve_device(settings: ServerSettings) -> tuple[str, torch.dtype]:
@@ -62,22 +61,19 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def depth_table(model_dir: Path) -> dict | None:
-    for name in DEPTH_TABLES:
-        path = model_dir / name
-        if path.exists():
-            data = json.loads(path.read_text())
-            if "loss_by_depth" in data:
-                return {k: data[k] for k in ("loss_by_depth", "fit", "adaptive") if k in data}
+def depth_table(model_dir: Path, calibration: dict | None) -> dict | None:
+    """The loss-by-depth table: calibration's (already read), else training.json's."""
+    for data in (calibration, read_json(model_dir / "training.json")):
+        if data and "loss_by_depth" in data:
+            return {k: data[k] for k in ("loss_by_depth", "fit", "adaptive") if k in data}
     return None
 
 
-def kv_policy(settings: ServerSettings, model_dir: Path, default_depth: int):
+def kv_policy(settings: ServerSettings, calibration: dict | None, default_depth: int):
     """The KV policy in force and why: as set, or (auto) what the checkpoint's calibration
     measured within the NLL bound (per-loop when nothing was measured)."""
     if settings.kv_policy != "auto":
         return LoopSlotPolicy.parse(settings.kv_policy), "set by --kv-policy"
-    calibration = read_json(model_dir / "calibration.json")
     return choose_policy(calibration, settings.kv_max_nll_cost, default_depth)
 
 
@@ -122,7 +118,8 @@ def build(state: ServerState) -> None:
     cfg = model.cfg
     max_context = min(s.max_context or cfg.block_size, cfg.block_size)
     default_depth = s.default_depth or min(cfg.mean_recurrence, s.max_depth)
-    policy, policy_reason = kv_policy(s, model_dir, default_depth)
+    calibration = read_json(model_dir / "calibration.json")
+    policy, policy_reason = kv_policy(s, calibration, default_depth)
     log.info("kv policy %s: %s", policy, policy_reason)
     engine_cfg = EngineConfig(
         scheduler=SchedulerConfig(s.max_batch, s.max_queue, s.prefill_chunk, max_context),
@@ -134,9 +131,11 @@ def build(state: ServerState) -> None:
         typical_depth=default_depth,
     )
     probe = load_exit_probe(model_dir, device, cfg.d_rec)
-    frontier = Frontier.from_calibration(
-        read_json(model_dir / "calibration.json"), probe is not None
-    )
+    frontier = Frontier.from_calibration(calibration, probe is not None)
+    models = ServedModels(served_names(s), default_depth, s.max_depth, cfg.mean_recurrence,
+                          parse_presets(s.preset))  # fmt: skip
+    # before compiling: a preset every request would be refused is a start-up error
+    models.check_presets(can_auto=frontier is not None, can_learn=probe is not None)
     engine = Engine(model, engine_cfg, state.metrics, probe)
     depths = [int(d) for d in s.compile_depths.split(",")] if s.compile_depths else [default_depth]
     started = time.monotonic()
@@ -147,9 +146,6 @@ def build(state: ServerState) -> None:
     engine.start()
     warm = EngineRequest([tokenizer.bos_id or 0, 1], SamplingParams(max_tokens=2), LoopParams(2))
     engine.generate_sync(warm)
-    models = ServedModels(served_names(s), default_depth, s.max_depth, cfg.mean_recurrence,
-                          parse_presets(s.preset))  # fmt: skip
-    models.check_presets(can_auto=frontier is not None, can_learn=probe is not None)
     limits = ServingLimits(
         models=models,
         max_depth=s.max_depth,
@@ -157,15 +153,13 @@ def build(state: ServerState) -> None:
         vocab_size=cfg.vocab_size,
         max_sequences=s.max_batch + s.max_queue,
         max_prompt_chars=max_context * longest_token_chars(tokenizer),
-        frontier=Frontier.from_calibration(
-            read_json(model_dir / "calibration.json"), probe is not None
-        ),
+        frontier=frontier,
     )
     # published in /v1/models beside kv_policy: why it is in force (and up to which depth)
     card: dict = {"kv_policy_reason": policy_reason}
     if policy.upto:
         card["kv_policy_max_depth"] = policy.upto
-    card.update(depth_table(model_dir) or {})
+    card.update(depth_table(model_dir, calibration) or {})
     if limits.frontier is not None:  # what criterion "auto" chooses from
         card["frontier"] = [p.public() for p in limits.frontier.points]
     state.model_card = {"dir": str(model_dir), "depth_table": card}

@@ -24,7 +24,6 @@ from parcae_serve.server.api.completions import (
     Choice,
     CompletionService,
     Piece,
-    note_usage,
 )
 from parcae_serve.server.api.protocol import (
     CHAT_REFUSED_FIELDS,
@@ -80,9 +79,8 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         self.source = source
         self.template = env.from_string(source)  # a syntax error fails at start-up
-        vocab = tokenizer.tok
-        self.bos = vocab.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
-        self.eos = vocab.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+        self.bos = tokenizer.special_text(tokenizer.bos_id) or ""
+        self.eos = tokenizer.special_text(tokenizer.eos_id) or ""
 
     @classmethod
     def load(cls, given: str | None, model_dir: Path, tokenizer: Tokenizer) -> ChatTemplate:
@@ -163,10 +161,7 @@ class ChatService:
         self, req: ChatCompletionRequest, record: dict | None = None
     ) -> ChatCompletionResponse:
         creq = self.completion_request(req)
-        choices = await self.service.start(creq)
-        results = await self.service.gather(choices)
-        usage = self.service.usage(choices, req.n)
-        note_usage(record, usage)
+        results, usage = await self.service.run(creq, record)
         top, as_ids = req.top_logprobs or 0, req.return_tokens_as_token_ids
         return ChatCompletionResponse(
             id=self.service.response_id(record, "chatcmpl"),

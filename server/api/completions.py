@@ -473,6 +473,14 @@ class CompletionService:
         self._submit(choices)
         return choices
 
+    async def run(self, req: CompletionRequest, record: dict | None) -> tuple[list[Result], Usage]:
+        """A whole non-streamed request: started, run to its end, its usage noted in `record`."""
+        choices = await self.start(req)
+        results = await self.gather(choices)
+        usage = self.usage(choices, req.n)
+        note_usage(record, usage)
+        return results, usage
+
     # Non-streaming: the concatenation of the pieces ------------------------------------------------
     async def gather(self, choices: list[Choice]) -> list[Result]:
         """Every choice run to its end (cancelled with the caller, freeing its sequences); an
@@ -499,10 +507,7 @@ class CompletionService:
     async def complete(
         self, req: CompletionRequest, record: dict | None = None
     ) -> CompletionResponse:
-        choices = await self.start(req)
-        results = await self.gather(choices)
-        usage = self.usage(choices, req.n)
-        note_usage(record, usage)
+        results, usage = await self.run(req, record)
         return CompletionResponse(
             id=self.response_id(record, "cmpl"),
             model=req.model or self.limits.model_name,

@@ -8,7 +8,11 @@ runs the fastest point whose NLL is within `c` (relative: 0.01 = 1%) of the best
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Frontier:
                    and (has_probe or r["criterion"] != "learned")]  # fmt: skip
         if not points:
             return None
-        return cls(tuple(sorted(pareto(points), key=lambda p: p.nll)), tuple(points))
+        return cls(tuple(pareto(points)), tuple(points))
 
     def cheapest(self, max_nll_cost: float, max_depth: int) -> FrontierPoint | None:
         """The fastest point within `max_nll_cost` of the best NLL among the points within
@@ -57,9 +61,16 @@ class Frontier:
         return max(ok, key=lambda p: p.tokens_per_s)
 
 
-def pareto(points: list[FrontierPoint]) -> list[FrontierPoint]:
-    def beats(q: FrontierPoint, p: FrontierPoint) -> bool:
-        return (q.nll <= p.nll and q.tokens_per_s >= p.tokens_per_s
-                and (q.nll < p.nll or q.tokens_per_s > p.tokens_per_s))  # fmt: skip
+def pareto(points: list[T], cost: Callable[[T], tuple[float, float]] | None = None) -> list[T]:
+    """The points no other point beats on both NLL (lower) and tokens/s (higher), by NLL.
+    `cost(point)` -> (nll, tokens_per_s); default: the point's own attributes."""
+    cost = cost or (lambda p: (p.nll, p.tokens_per_s))
+    scored = [(cost(p), p) for p in points]
 
-    return [p for p in points if not any(beats(q, p) for q in points)]
+    def beaten(nll: float, speed: float) -> bool:
+        return any(q_nll <= nll and q_speed >= speed and (q_nll < nll or q_speed > speed)
+                   for (q_nll, q_speed), _ in scored)  # fmt: skip
+
+    return [
+        p for (nll, speed), p in sorted(scored, key=lambda s: s[0][0]) if not beaten(nll, speed)
+    ]
