@@ -1,12 +1,14 @@
 """Fast-engine benchmark: decode against the machine's limits, compiled path vs eager.
 
-    python bench/fast_engine.py [--rounds 3] [--out bench/out/fast_engine.json]
+    python bench/fast_engine.py [--rounds 3] [--sections reference,builtin,big]
+                                [--out bench/out/fast_engine.json]
 
 Measures, in one run on this machine:
 1. the machine: fp32 matmul GFLOP/s and DRAM read GB/s, at one thread and at all cores;
 2. the reference shape (random weights, d=128, P/R/C 2/2/2, vocab 512, T=8, 16-token prompt,
    64 new tokens, greedy): one stream over HTTP with the compiled decode path and with
-   `--compile off`, against a research-style `generate()` in-process (eager modules, one
+   `--compile off`, and the same compiled engine in-process (what HTTP costs), against a
+   research-style `generate()` in-process (eager modules, one
    contiguous K/V tensor per (layer, loop), what a paper's reference loop does); A and B
    interleaved, `--rounds` times, medians reported;
 3. the built-in model: one stream at its mean depth against its ceiling (the larger of its
@@ -41,6 +43,10 @@ from bench.serve_bench import PROMPT, reference_checkpoint, run_streams  # noqa:
 from parcae_serve.model.config import ParcaeConfig  # noqa: E402
 from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from parcae_serve.model.parcae import Parcae, sdpa  # noqa: E402
+from parcae_serve.server.engine.engine import Engine, EngineConfig  # noqa: E402
+from parcae_serve.server.engine.sampling import SamplingParams  # noqa: E402
+from parcae_serve.server.engine.scheduler import SchedulerConfig  # noqa: E402
+from parcae_serve.server.engine.sequence import EngineRequest, LoopParams  # noqa: E402
 from tests.conftest import running_server  # noqa: E402
 from tests.helpers import random_model  # noqa: E402
 
@@ -148,9 +154,29 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def engine_tps(engine: Engine, depth: int, new_tokens: int) -> float:
+    """One greedy stream through the engine in-process (no HTTP), prefill included."""
+    sampling = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    engine.generate_sync(EngineRequest(list(PROMPT), sampling, LoopParams(depth)))
+    return new_tokens / (time.perf_counter() - start)
+
+
+def compiled_engine(model: Parcae, depth: int) -> Engine:
+    """The server's engine with the compiled decode path, in this process (kernel threads: 1,
+    as the server's default for a model this small)."""
+    scheduler = SchedulerConfig(max_batch=64, max_queue=64, prefill_chunk=512, max_context=2048)
+    engine = Engine(model, EngineConfig(scheduler, kv_cache_bytes=512 * 2**20, compile="inductor"))
+    engine.compile_decode([depth])
+    engine.start()
+    return engine
+
+
 def reference_section(model_dir: Path, rounds: int) -> dict:
     model = load_checkpoint(model_dir)
-    research = []
+    torch.set_num_threads(1)
+    engine = compiled_engine(load_checkpoint(model_dir), 8)
+    research, in_process = [], []
     with (
         running_server(model_dir, *COMPILED, timeout=900) as fast,
         running_server(model_dir, *SERVER_FLAGS, "--compile", "off") as eager,
@@ -161,11 +187,15 @@ def reference_section(model_dir: Path, rounds: int) -> dict:
         for _ in range(rounds):  # A and B interleaved
             torch.set_num_threads(1)
             research.append(research_generate(model, PROMPT, 8, 64))
+            in_process.append(engine_tps(engine, 8, 64))
             fast_runs.append(stream_tps(fast.url, [8], 64))
             eager_runs.append(stream_tps(eager.url, [8], 64))
+    engine.stop()
     base = statistics.median(research)
     return {
         "research_generate_tps": base,
+        "engine_compiled_tps": statistics.median(in_process),
+        "engine_vs_research": statistics.median(in_process) / base,
         "http_compiled_tps": median_of(fast_runs, "tokens_per_s"),
         "http_eager_tps": median_of(eager_runs, "tokens_per_s"),
         "compiled_vs_research": median_of(fast_runs, "tokens_per_s") / base,
@@ -237,18 +267,17 @@ def cpu_name() -> str:
 
 
 def render(r: dict) -> str:
-    m, ref, b, big = r["machine"], r["reference"], r["builtin"], r["big"]
+    m = r["machine"]
     rows = [
         ("matmul fp32, 1 thread / all cores", f"{m['matmul_gflops_1']:.0f} / {m['matmul_gflops_all']:.0f} GFLOP/s"),
         ("DRAM read, 1 thread / all cores", f"{m['read_gbps_1']:.1f} / {m['read_gbps_all']:.1f} GB/s"),
-        ("reference shape: research-style generate(), in-process", f"{ref['research_generate_tps']:.0f} tok/s"),
-        ("reference shape: one stream over HTTP, eager (`--compile off`)", f"{ref['http_eager_tps']:.0f} tok/s ({ref['eager_vs_research']:.2f}x)"),
-        ("reference shape: one stream over HTTP, compiled", f"**{ref['http_compiled_tps']:.0f} tok/s ({ref['compiled_vs_research']:.2f}x)**"),
-        (f"built-in, one stream, T={b['depth']}", f"{b['one_stream_tps']:.0f} tok/s = {b['one_stream_of_ceiling']:.0%} of its ceiling ({b['one_stream_ceiling_tps']:.0f} tok/s)"),
-        ("built-in, 32 streams, mixed depths", f"{b['streams32_tps']:.0f} tok/s = {b['streams32_gflops']:.1f} GFLOP/s = {b['streams32_of_matmul_rate']:.0%} of the matmul rate"),
-        ("built-in, TPOT at 64 / 900 tokens of context", f"{b['tpot_ms_context64']:.2f} / {b['tpot_ms_context900']:.2f} ms (speed ratio {b['speed_900_vs_64']:.2f})"),
-        (f"140m-shaped ({big['params_m']:.0f}M params), one stream, T=8", f"{big['one_stream_tps']:.1f} tok/s x {big['bytes_per_token_mb']:.0f} MB = {big['achieved_gbps']:.1f} GB/s = {big['of_bandwidth']:.0%} of DRAM bandwidth"),
     ]  # fmt: skip
+    if "reference" in r:
+        rows += reference_rows(r["reference"])
+    if "builtin" in r:
+        rows += builtin_rows(r["builtin"])
+    if "big" in r:
+        rows += big_rows(r["big"])
     head = [
         f"command: `{r['command']}`",
         f"machine: {r['cpu']}",
@@ -259,21 +288,50 @@ def render(r: dict) -> str:
     return "\n".join(head + [f"| {a} | {b} |" for a, b in rows])
 
 
+def reference_rows(ref: dict) -> list[tuple[str, str]]:
+    return [
+        ("reference shape: research-style generate(), in-process", f"{ref['research_generate_tps']:.0f} tok/s"),
+        ("reference shape: one stream over HTTP, eager (`--compile off`)", f"{ref['http_eager_tps']:.0f} tok/s ({ref['eager_vs_research']:.2f}x)"),
+        ("reference shape: one stream in-process (engine, no HTTP), compiled", f"{ref['engine_compiled_tps']:.0f} tok/s ({ref['engine_vs_research']:.2f}x)"),
+        ("reference shape: one stream over HTTP, compiled", f"**{ref['http_compiled_tps']:.0f} tok/s ({ref['compiled_vs_research']:.2f}x)**"),
+    ]  # fmt: skip
+
+
+def builtin_rows(b: dict) -> list[tuple[str, str]]:
+    return [
+        (f"built-in, one stream, T={b['depth']}", f"{b['one_stream_tps']:.0f} tok/s = {b['one_stream_of_ceiling']:.0%} of its ceiling ({b['one_stream_ceiling_tps']:.0f} tok/s)"),
+        ("built-in, 32 streams, mixed depths", f"{b['streams32_tps']:.0f} tok/s = {b['streams32_gflops']:.1f} GFLOP/s = {b['streams32_of_matmul_rate']:.0%} of the matmul rate"),
+        ("built-in, TPOT at 64 / 900 tokens of context", f"{b['tpot_ms_context64']:.2f} / {b['tpot_ms_context900']:.2f} ms (speed ratio {b['speed_900_vs_64']:.2f})"),
+    ]  # fmt: skip
+
+
+def big_rows(big: dict) -> list[tuple[str, str]]:
+    return [
+        (f"140m-shaped ({big['params_m']:.0f}M params), one stream, T=8", f"{big['one_stream_tps']:.1f} tok/s x {big['bytes_per_token_mb']:.0f} MB = {big['achieved_gbps']:.1f} GB/s = {big['of_bandwidth']:.0%} of DRAM bandwidth"),
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/fast_engine.json")
+    parser.add_argument("--sections", default="reference,builtin,big",
+                        help="which to run, comma-separated: reference, builtin, big")  # fmt: skip
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     machine = {"matmul_gflops_1": matmul_gflops(1), "matmul_gflops_all": matmul_gflops(cores),
                "read_gbps_1": read_gbps(1), "read_gbps_all": read_gbps(cores)}  # fmt: skip
     tmp = Path(tempfile.mkdtemp())
     report = {"command": " ".join(sys.argv), "cpu": cpu_name(), "machine": machine}
-    report["reference"] = reference_section(reference_checkpoint(tmp), args.rounds)
-    report["builtin"] = builtin_section(machine, args.rounds)
-    report["big"] = big_section(machine, args.rounds, tmp)
+    sections = args.sections.split(",")
+    if "reference" in sections:
+        report["reference"] = reference_section(reference_checkpoint(tmp), args.rounds)
+    if "builtin" in sections:
+        report["builtin"] = builtin_section(machine, args.rounds)
+    if "big" in sections:
+        report["big"] = big_section(machine, args.rounds, tmp)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(render(report))

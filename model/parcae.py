@@ -43,16 +43,33 @@ class CausalContext:
         return sdpa(q, k, v, causal=q.shape[2] > 1)
 
 
-def frozen(module: nn.Module, name: str, params: tuple[Tensor, ...], build) -> Tensor:
+def frozen(module: nn.Module, name: str, params: tuple[Tensor, ...], build):
     """`build()` cached on `module` until one of `params` changes (in place or replaced): lets
-    inference reuse derived weights without a separate 'compile' step."""
+    inference reuse derived weights (a tensor or a tuple of them) without a separate 'compile'
+    step. Inside a compiled graph a value already built eagerly is read as a graph input;
+    building it there would redo it on every call (inductor's freezing does not fold derived
+    weights of a model passed as an argument: measured, the fused QKV weight was
+    re-concatenated on every decode token)."""
+    built = module.__dict__.setdefault("_frozen", {})
     if torch.compiler.is_compiling():
-        return build()  # inside a graph: traced once, constant-folded by the compiler
+        return built[name][1] if name in built else build()
     stamp = tuple((p.data_ptr(), p._version) for p in params)
-    cached = module.__dict__.get(name)
-    if cached is None or cached[0] != stamp:
-        cached = module.__dict__[name] = (stamp, build())
-    return cached[1]
+    if name not in built or built[name][0] != stamp:
+        built[name] = (stamp, build())
+    return built[name][1]
+
+
+def derived_weights(model: nn.Module) -> list[Tensor]:
+    """Every tensor `frozen` has built and cached in `model`'s modules (for a CUDA graph to
+    read them in place instead of copying them in at every replay)."""
+
+    def leaves(value) -> list[Tensor]:
+        if isinstance(value, Tensor):
+            return [value]
+        return [t for v in value for t in leaves(v)] if isinstance(value, tuple) else []
+
+    return [t for m in model.modules() for _, v in m.__dict__.get("_frozen", {}).values()
+            for t in leaves(v)]  # fmt: skip
 
 
 def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:

@@ -3,13 +3,17 @@
     python -m parcae_serve.model.train --minutes 60 --out model/builtin/parcae-stdlib
 
 Corpus: every `.py` file of the stdlib (no site-packages), split by file into train / held-out.
-Tokenizer: byte-level BPE trained on the train split. Windows are as long as the context the
-server advertises (`block_size`, 1024), so served positions are trained positions.
+Tokenizer: byte-level BPE trained on the train split. Length curriculum: most of the run uses
+short windows (`short_seq`, 256) in larger batches, which learn faster per token on 2 cores
+(measured, bench/RESULTS.md); the last `long_fraction` of the time uses windows as long as the
+context the server advertises (`seq` = `block_size`, 1024), so served positions are trained
+positions.
 
 Depth is drawn per sequence, as in the paper, from a log-normal Poisson (Huginn's sampler,
 Geiping et al. 2025, arXiv 2502.05171 sec. 3.3: tau ~ N(log mu - sigma^2/2, sigma),
-T ~ Poisson(e^tau), here clipped to [1, 4 mu]): its heavier tail puts enough mass at deep T
-that the model learns to hold its state there instead of drifting. Only the last
+T ~ Poisson(e^tau), here clipped to [1, 4 mu]), and a `deep_fraction` of sequences drawn
+uniformly from [mu, 4 mu]: that tail puts enough mass at deep T that the model learns to hold
+its state there instead of drifting. Only the last
 `backprop_depth` loops of each sequence are differentiated (truncated backprop). Sequences are
 run right-aligned (every one ends on the same loop) and sorted deepest first, so each loop runs
 only the rows still looping: a batch costs the sum of its depths, not its maximum.
@@ -57,8 +61,12 @@ class TrainSettings:
     backprop_depth: int = 3
     depth_sigma: float = 0.5  # log-normal spread of the per-sequence depth (0: plain Poisson)
     max_depth: int = 24  # 4 * mu_rec
+    deep_fraction: float = 0.2  # sequences whose depth is uniform in [mu_rec, max_depth]
     seq: int = 1024
     batch: int = 4
+    short_seq: int = 256  # window length of the curriculum's first phase
+    short_batch: int = 16
+    long_fraction: float = 0.2  # last fraction of the time trained at `seq`
     lr: float = 2e-3
     heldout_fraction: float = 0.05
     eval_tokens: int = 32_768
@@ -170,11 +178,15 @@ def init_weights(model: Parcae, seed: int) -> None:
             torch.nn.init.normal_(p, 0.0, 1.0 / math.sqrt(d) if p.dim() > 1 else 0.02, generator=g)
 
 
-def sample_depths(mu: int, sigma: float, cap: int, n: int, g: torch.Generator) -> list[int]:
-    """`n` per-sequence depths from a log-normal Poisson with mean `mu`, clipped to [1, cap]."""
+def sample_depths(
+    mu: int, sigma: float, cap: int, deep: float, n: int, g: torch.Generator
+) -> list[int]:
+    """`n` per-sequence depths: a log-normal Poisson with mean `mu` clipped to [1, cap], except a
+    fraction `deep` (in expectation) drawn uniformly from [mu, cap]."""
     tau = torch.randn(n, generator=g) * sigma + (math.log(mu) - sigma**2 / 2)
-    total = torch.poisson(tau.exp(), generator=g).long()
-    return total.clamp(1, cap).tolist()
+    body = torch.poisson(tau.exp(), generator=g).long().clamp(1, cap)
+    tail = torch.randint(mu, cap + 1, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < deep, tail, body).tolist()
 
 
 def forward_per_sequence(
@@ -228,6 +240,11 @@ def lr_at(frac: float, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm)))))
 
 
+def window_shape(s: TrainSettings, frac: float) -> tuple[int, int]:
+    """(window length, batch) at fraction `frac` of the run: short windows first, then `seq`."""
+    return (s.seq, s.batch) if frac >= 1 - s.long_fraction else (s.short_seq, s.short_batch)
+
+
 def train(s: TrainSettings) -> None:
     torch.manual_seed(s.seed)
     torch.set_num_threads(s.threads)
@@ -255,10 +272,11 @@ def train(s: TrainSettings) -> None:
     while (elapsed := time.time() - start) < budget:
         for group in opt.param_groups:
             group["lr"] = lr_at(elapsed / budget, s.lr)
-        starts = torch.randint(0, len(train_ids) - s.seq - 1, (s.batch,), generator=g)
-        x = torch.stack([train_ids[i : i + s.seq] for i in starts])
-        y = torch.stack([train_ids[i + 1 : i + s.seq + 1] for i in starts])
-        depths = sample_depths(s.mu_rec, s.depth_sigma, s.max_depth, s.batch, g)
+        seq, batch = window_shape(s, elapsed / budget)
+        starts = torch.randint(0, len(train_ids) - seq - 1, (batch,), generator=g)
+        x = torch.stack([train_ids[i : i + seq] for i in starts])
+        y = torch.stack([train_ids[i + 1 : i + seq + 1] for i in starts])
+        depths = sample_depths(s.mu_rec, s.depth_sigma, s.max_depth, s.deep_fraction, batch, g)
         logits, order = forward_per_sequence(model, x, depths, g, s.backprop_depth)
         loss = F.cross_entropy(logits.flatten(0, 1), y[order].flatten())
         opt.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ import torch
 import torch.fx.experimental._config
 from torch import Tensor
 
-from parcae_serve.model.parcae import Parcae
+from parcae_serve.model.parcae import Parcae, derived_weights
 from parcae_serve.server.engine.kv_cache import KVCache
 
 # Compiler settings for this process (they are global in torch). Graphs are specialised per
@@ -136,27 +136,55 @@ def decode_forward(
     )
 
 
+def decode_forward_single(
+    model: Parcae, depth: int, batch: DecodeBatch, pools: tuple[Tensor, Tensor, Tensor, Tensor]
+) -> DecodeResult:
+    """`decode_forward` for a batch of exactly one row (one stream), compiled apart with
+    SINGLE_ROW_OPTIONS (a function of its own, so its compiled code never mixes with the batched
+    graph's)."""
+    return decode_forward(model, depth, batch, pools)
+
+
+@dataclass
+class KeyTensors:
+    """The index tensors of one decode key, built once: slots (T,) the slot of each loop;
+    last_loops, last_slots (S',) for each slot written, the last loop mapped to it (later loops
+    overwrite earlier ones' K/V in a shared slot); outer_base (P+C, 1) and rec_base (1, R, 1) the
+    first row of each layer in the flattened pools."""
+
+    slots: Tensor
+    last_loops: Tensor
+    last_slots: Tensor
+    outer_base: Tensor
+    rec_base: Tensor
+
+    @classmethod
+    def build(cls, cache: KVCache, slots: tuple[int, ...]) -> KeyTensors:
+        device = cache.outer_k.device
+        last = {s: t for t, s in enumerate(slots)}
+        n_outer, rows_o = cache.outer_k.shape[:2]
+        n_rec, rows_r = cache.rec_k.shape[:2]
+        return cls(
+            torch.tensor(slots, device=device),
+            torch.tensor(list(last.values()), device=device),
+            torch.tensor(list(last), device=device),
+            torch.arange(n_outer, device=device)[:, None] * rows_o,
+            torch.arange(n_rec, device=device)[None, :, None] * rows_r,
+        )
+
+
 def write_kv(
-    cache: KVCache,
-    slots: tuple[int, ...],
-    out: DecodeResult,
-    outer_write: Tensor,
-    rec_write: Tensor,
+    cache: KVCache, key: KeyTensors, out: DecodeResult, outer_write: Tensor, rec_write: Tensor
 ) -> None:
     """Scatter a decode call's new K/V into the pools: every outer layer at `outer_write` (B,)
     rows, and for each slot the K/V of the last loop mapped to it at `rec_write[slot]` (S, B)."""
-    n_outer, rows_o = cache.outer_k.shape[:2]
-    layers = torch.arange(n_outer, device=outer_write.device)
-    idx = layers[:, None] * rows_o + outer_write  # (P+C, B) rows of the flattened pool
+    idx = key.outer_base + outer_write  # (P+C, B) rows of the flattened pool
     scatter_rows(cache.outer_k, idx, out.outer_k)
     scatter_rows(cache.outer_v, idx, out.outer_v)
-    last = {s: t for t, s in enumerate(slots)}  # later loops overwrite earlier ones' slot
-    loops = torch.tensor(list(last.values()), device=rec_write.device)
-    rows = rec_write[torch.tensor(list(last), device=rec_write.device)]  # (S', B)
-    n_rec, rows_r = cache.rec_k.shape[:2]
-    idx = torch.arange(n_rec, device=rows.device)[None, :, None] * rows_r + rows[:, None, :]
-    scatter_rows(cache.rec_k, idx, out.rec_k.index_select(0, loops))
-    scatter_rows(cache.rec_v, idx, out.rec_v.index_select(0, loops))
+    rows = rec_write.index_select(0, key.last_slots)  # (S', B)
+    idx = key.rec_base + rows[:, None, :]  # (S', R, B)
+    scatter_rows(cache.rec_k, idx, out.rec_k.index_select(0, key.last_loops))
+    scatter_rows(cache.rec_v, idx, out.rec_v.index_select(0, key.last_loops))
 
 
 def scatter_rows(pool: Tensor, idx: Tensor, values: Tensor) -> None:
@@ -194,8 +222,14 @@ class CompiledDecoder:
                 for pool in self.pools:
                     torch._dynamo.mark_static_address(pool)
             self._fn = torch.compile(decode_forward, fullgraph=True, dynamic=True, options=options)
+            self._fn_single = self._fn
+            if mode == "inductor":
+                single = {**options, **SINGLE_ROW_OPTIONS}
+                self._fn_single = torch.compile(
+                    decode_forward_single, fullgraph=True, dynamic=True, options=single
+                )
         elif mode == "eager":
-            self._fn = decode_forward
+            self._fn = self._fn_single = decode_forward
         else:
             raise ValueError(f"unknown compile mode {mode!r}: off, eager, inductor or cudagraphs")
 
@@ -210,8 +244,9 @@ class CompiledDecoder:
         if self.mode == "cudagraphs":
             padded = pad_batch(batch, bucket(B, BATCH_BUCKETS), bucket(L), S)
         else:
-            padded = pad_batch(batch, max(B, 2), L, S)
-        out = self._fn(self.model, depth, padded, self.pools)
+            padded = pad_batch(batch, B, L, S)
+        fn = self._fn_single if B == 1 else self._fn
+        out = fn(self.model, depth, padded, self.pools)
         if padded is not batch:
             kv = (t[..., :B, :, :] for t in (out.outer_k, out.outer_v, out.rec_k, out.rec_v))
             out = DecodeResult(out.logits[:B], out.h[:B], *kv)  # K/V: batch is the third-last axis
@@ -222,20 +257,26 @@ class CompiledDecoder:
     def warm(self, depth: int) -> None:
         """Compile `depth` by running it on dummy rows."""
         with torch.inference_mode():  # as when serving: inference tensors guard differently
-            self(depth, self._dummy(depth))
+            # eagerly first: derived weights (fused QKV, decay) are built once, outside the graph
+            decode_forward(self.model, depth, self._dummy(depth, 2), self.pools)
+            if self.mode == "cudagraphs":
+                for weight in derived_weights(self.model):
+                    torch._dynamo.mark_static_address(weight)
+            for rows in (1, 2):  # one stream has a graph of its own (see decode_forward_single)
+                self(depth, self._dummy(depth, rows))
         self.ready.add(depth)
 
-    def _dummy(self, depth: int) -> DecodeBatch:
-        """Two rows that attend to nothing (every past position masked)."""
+    def _dummy(self, depth: int, B: int) -> DecodeBatch:
+        """B rows that attend to nothing (every past position masked)."""
         device, dtype = self.cache.outer_k.device, self.cache.outer_k.dtype
         L = self.cache.block_size
 
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=torch.long, device=device)
 
-        h0 = torch.zeros(2, 1, self.model.cfg.d_rec, dtype=dtype, device=device)
+        h0 = torch.zeros(B, 1, self.model.cfg.d_rec, dtype=dtype, device=device)
         return DecodeBatch(
-            zeros(2, 1), zeros(2, 1), h0, zeros(2), zeros(2, L), zeros(2, 2, L), zeros(depth)
+            zeros(B, 1), zeros(B, 1), h0, zeros(B), zeros(B, L), zeros(2, B, L), zeros(depth)
         )
 
 
@@ -251,6 +292,15 @@ COMPILE_OPTIONS = {
     "guard_filter_fn": keep_model_identity_guards,
     "freezing": True,  # weights become constants: derived weights (fused QKV, decay) fold away
     "cpp.weight_prepack": False,  # measured: MKL's packed GEMM costs more than plain mm at M<=32
+}
+# One row on the CPU: with the batch a constant 1 every matmul is a matrix-vector product, which
+# inductor then writes as a vectorised dot-product loop fused with its neighbours instead of
+# calling the BLAS `mm` (~9 us of dispatch each, ~80 a token); a whole token becomes two C++
+# kernels, and the C++ wrapper replaces the Python one's per-buffer calls. Batches of 2 or more
+# keep `mm`, which reads each weight once for all rows.
+SINGLE_ROW_OPTIONS = {
+    "post_grad_fusion_options": {"decompose_mm_pass": {}},
+    "cpp_wrapper": True,
 }
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 

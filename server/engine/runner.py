@@ -21,6 +21,7 @@ from parcae_serve.server.engine.decode_graph import (
     CompiledDecoder,
     DecodeBatch,
     DecodeKey,
+    KeyTensors,
     decode_key,
     write_kv,
 )
@@ -77,6 +78,7 @@ class ModelRunner:
         self._plan: tuple | None = None
         self._loop_ctx: tuple[PagedAttention, dict] | None = None
         self._like = torch.empty(0, device=self.device, dtype=self.dtype)
+        self._key_tensors: dict[DecodeKey, KeyTensors] = {}
         self.decoder = (
             None if compile_mode == "off" else CompiledDecoder(model, cache, compile_mode)
         )
@@ -99,9 +101,13 @@ class ModelRunner:
         for i, key in enumerate(keys):
             by_key.setdefault(key, []).append(i)
         for key, members in by_key.items():
-            batch, outer_write, rec_write = self._decode_batch([groups[i] for i in members], key)
+            tensors = self._key_tensors.get(key)
+            if tensors is None:
+                tensors = self._key_tensors[key] = KeyTensors.build(self.cache, key[1])
+            rows = [groups[i] for i in members]
+            batch, outer_write, rec_write = self._decode_batch(rows, tensors.slots)
             out = self.decoder(key[0], batch)
-            write_kv(self.cache, key[1], out, outer_write, rec_write)
+            write_kv(self.cache, tensors, out, outer_write, rec_write)
             for j, i in enumerate(members):
                 g = groups[i]
                 g.h, g.loop, g.n_active = out.h[j : j + 1], g.depth, 1
@@ -111,12 +117,12 @@ class ModelRunner:
         return torch.stack(logits)
 
     def _decode_batch(
-        self, groups: list[InFlight], key: DecodeKey
+        self, groups: list[InFlight], slots: Tensor
     ) -> tuple[DecodeBatch, Tensor, Tensor]:
         """Graph inputs from the sequences' kept pool-row indices (never rebuilt per token),
         and the rows the new K/V go to: outer (B,), recurrent (S, B)."""
         tables = [g.seq.table for g in groups]
-        pos = [int(g.positions[0]) for g in groups]
+        pos = torch.tensor([int(g.positions[0]) for g in groups])
         if len(groups) == 1:
             outer_rows, rec_rows = tables[0].outer_index()[None], tables[0].rec_index()[:, None]
         else:
@@ -126,7 +132,9 @@ class ModelRunner:
             for b, t in enumerate(tables):
                 outer_rows[b, : t.capacity] = t.outer_index()
                 rec_rows[:, b, : t.capacity] = t.rec_index()
-        positions = torch.tensor(pos, device=self.device)
+        outer_write = outer_rows.gather(1, pos[:, None])[:, 0]
+        rec_write = rec_rows.gather(2, pos.expand(len(rec_rows), -1)[..., None])[..., 0]
+        positions = pos.to(self.device)
         batch = DecodeBatch(
             ids=torch.cat([g.ids for g in groups]).view(-1, 1),
             positions=positions.view(-1, 1),
@@ -134,14 +142,7 @@ class ModelRunner:
             lengths=positions,
             outer_rows=outer_rows.to(self.device),
             rec_rows=rec_rows.to(self.device),
-            slots=torch.tensor(key[1], device=self.device),
-        )
-        outer_write = torch.tensor([t.outer_rows[p] for t, p in zip(tables, pos, strict=True)])
-        rec_write = torch.tensor(
-            [
-                [t.rec_rows[s][p] for t, p in zip(tables, pos, strict=True)]
-                for s in range(len(rec_rows))
-            ]
+            slots=slots,
         )
         return batch, outer_write.to(self.device), rec_write.to(self.device)
 
