@@ -174,24 +174,28 @@ class KeyTensors:
 
 
 def write_kv(
-    cache: KVCache, key: KeyTensors, out: DecodeResult, outer_write: Tensor, rec_write: Tensor
+    flat_pools: tuple[Tensor, Tensor, Tensor, Tensor],
+    key: KeyTensors,
+    out: DecodeResult,
+    outer_write: Tensor,
+    rec_write: Tensor,
 ) -> None:
-    """Scatter a decode call's new K/V into the pools: every outer layer at `outer_write` (B,)
-    rows, and for each slot the K/V of the last loop mapped to it at `rec_write[slot]` (S, B)."""
-    idx = key.outer_base + outer_write  # (P+C, B) rows of the flattened pool
-    scatter_rows(cache.outer_k, idx, out.outer_k)
-    scatter_rows(cache.outer_v, idx, out.outer_v)
-    rows = rec_write.index_select(0, key.last_slots)  # (S', B)
-    idx = key.rec_base + rows[:, None, :]  # (S', R, B)
-    scatter_rows(cache.rec_k, idx, out.rec_k.index_select(0, key.last_loops))
-    scatter_rows(cache.rec_v, idx, out.rec_v.index_select(0, key.last_loops))
+    """Scatter a decode call's new K/V into the pools, each seen as one (layers * rows, heads *
+    hd) table (`flat_pools`, see `flat_views`): every outer layer at `outer_write` (B,) rows,
+    and for each slot the K/V of the last loop mapped to it at `rec_write[slot]` (S, B)."""
+    outer_k, outer_v, rec_k, rec_v = flat_pools
+    idx = (key.outer_base + outer_write).view(-1)  # (P+C) * B rows of the flattened pool
+    outer_k.index_copy_(0, idx, out.outer_k.reshape(len(idx), -1))
+    outer_v.index_copy_(0, idx, out.outer_v.reshape(len(idx), -1))
+    idx = (key.rec_base + rec_write.index_select(0, key.last_slots)[:, None, :]).view(-1)
+    rec_k.index_copy_(0, idx, out.rec_k.index_select(0, key.last_loops).reshape(len(idx), -1))
+    rec_v.index_copy_(0, idx, out.rec_v.index_select(0, key.last_loops).reshape(len(idx), -1))
 
 
-def scatter_rows(pool: Tensor, idx: Tensor, values: Tensor) -> None:
-    """pool (layers, rows, heads, hd) seen as one (layers*rows) table: write `values`
-    (..., heads, hd) at the flat row numbers `idx` (same leading shape) in one index_copy_."""
-    flat = pool.view(-1, pool.shape[-2] * pool.shape[-1])
-    flat.index_copy_(0, idx.reshape(-1), values.reshape(idx.numel(), -1))
+def flat_views(cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four pools (layers, rows, heads, hd) as (layers * rows, heads * hd) views."""
+    pools = (cache.outer_k, cache.outer_v, cache.rec_k, cache.rec_v)
+    return tuple(p.view(-1, p.shape[-2] * p.shape[-1]) for p in pools)
 
 
 DecodeKey = tuple[int, tuple[int, ...]]  # (depth, loop -> slot): rows batched together

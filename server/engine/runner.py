@@ -23,6 +23,7 @@ from parcae_serve.server.engine.decode_graph import (
     DecodeKey,
     KeyTensors,
     decode_key,
+    flat_views,
     write_kv,
 )
 from parcae_serve.server.engine.kv_cache import KVCache
@@ -79,6 +80,7 @@ class ModelRunner:
         self._loop_ctx: tuple[PagedAttention, dict] | None = None
         self._like = torch.empty(0, device=self.device, dtype=self.dtype)
         self._key_tensors: dict[DecodeKey, KeyTensors] = {}
+        self._flat_pools = flat_views(cache)
         self.decoder = (
             None if compile_mode == "off" else CompiledDecoder(model, cache, compile_mode)
         )
@@ -107,7 +109,7 @@ class ModelRunner:
             rows = [groups[i] for i in members]
             batch, outer_write, rec_write = self._decode_batch(rows, tensors.slots)
             out = self.decoder(key[0], batch)
-            write_kv(self.cache, tensors, out, outer_write, rec_write)
+            write_kv(self._flat_pools, tensors, out, outer_write, rec_write)
             for j, i in enumerate(members):
                 g = groups[i]
                 g.h, g.loop, g.n_active = out.h[j : j + 1], g.depth, 1
