@@ -98,10 +98,19 @@ def card(directory: Path) -> str:
 
 def depth_sampling(s: dict) -> str:
     if "depth_sigma" in s:  # per-sequence sampling (model.train since v2)
-        return (f"- Windows of {s['seq']} tokens, batch {s['batch']}. Depth drawn per sequence "
-                f"from a log-normal Poisson (mean {s['mu_rec']}, sigma {s['depth_sigma']}, Huginn's "
-                f"sampler), clipped to [1, {s['max_depth']}], gradients through the last "
-                f"{s['backprop_depth']} loops; AdamW lr {s['lr']}, cosine schedule on wall time.")  # fmt: skip
+        windows = f"Windows of {s['seq']} tokens, batch {s['batch']}."
+        if "short_seq" in s and float(s["long_fraction"]) < 1:
+            windows = (f"Length curriculum: windows of {s['short_seq']} tokens, batch "
+                       f"{s['short_batch']}, then for the last {float(s['long_fraction']):.0%} of the "
+                       f"time windows of {s['seq']} tokens (the served context), batch {s['batch']}.")  # fmt: skip
+        tail = ""
+        if float(s.get("deep_fraction", 0)) > 0:
+            tail = (f", except {float(s['deep_fraction']):.0%} of sequences drawn uniformly from "
+                    f"[{s['mu_rec']}, {s['max_depth']}] (a deep tail)")  # fmt: skip
+        return (f"- {windows} Depth drawn per sequence from a log-normal Poisson (mean "
+                f"{s['mu_rec']}, sigma {s['depth_sigma']}, Huginn's sampler), clipped to "
+                f"[1, {s['max_depth']}]{tail}; gradients through the last {s['backprop_depth']} "
+                f"loops; AdamW lr {s['lr']}, cosine schedule on wall time.")  # fmt: skip
     return (f"- Windows of {s['seq']} tokens, batch {s['batch']}. Depth drawn per step: "
             f"T ~ Poisson({s['mu_rec']}) (at least 1, at most {s['max_depth']}), gradients through "
             f"the last {s['backprop_depth']} loops; AdamW lr {s['lr']}, cosine schedule on wall "

@@ -287,14 +287,14 @@ class CompiledDecoder:
 def keep_model_identity_guards(entries: list) -> list[bool]:
     """Dynamo guards every parameter of the model by default (~100 tensor checks, ~0.2 ms per
     call). The weights do not change while serving, so those guards go; the guard on which
-    model object it is stays, because a frozen graph has that model's weights inside."""
+    model object it is stays, because the graph reads the derived weights (`frozen`) that
+    model built."""
     keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
     return [k or e.name == "L['model']" for e, k in zip(entries, keep, strict=True)]
 
 
 COMPILE_OPTIONS = {
     "guard_filter_fn": keep_model_identity_guards,
-    "freezing": True,  # weights become constants: derived weights (fused QKV, decay) fold away
     "cpp.weight_prepack": False,  # measured: MKL's packed GEMM costs more than plain mm at M<=32
 }
 # One row on the CPU: with the batch a constant 1 every matmul is a matrix-vector product, which
