@@ -173,9 +173,16 @@ def compiled_engine(model: Parcae, depth: int) -> Engine:
 
 
 def reference_section(model_dir: Path, rounds: int) -> dict:
-    model = load_checkpoint(model_dir)
+    model = load_checkpoint(model_dir)  # the eager baseline's; the engine gets its own copy
     torch.set_num_threads(1)
     engine = compiled_engine(load_checkpoint(model_dir), 8)
+    try:
+        return reference_runs(model, model_dir, engine, rounds)
+    finally:
+        engine.stop()
+
+
+def reference_runs(model: Parcae, model_dir: Path, engine: Engine, rounds: int) -> dict:
     research, in_process = [], []
     with (
         running_server(model_dir, *COMPILED, timeout=900) as fast,
@@ -190,7 +197,6 @@ def reference_section(model_dir: Path, rounds: int) -> dict:
             in_process.append(engine_tps(engine, 8, 64))
             fast_runs.append(stream_tps(fast.url, [8], 64))
             eager_runs.append(stream_tps(eager.url, [8], 64))
-    engine.stop()
     base = statistics.median(research)
     return {
         "research_generate_tps": base,
@@ -320,12 +326,14 @@ def main() -> None:
     parser.add_argument("--sections", default="reference,builtin,big",
                         help="which to run, comma-separated: reference, builtin, big")  # fmt: skip
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    if unknown := set(sections) - {"reference", "builtin", "big"}:
+        parser.error(f"unknown sections {sorted(unknown)}: reference, builtin, big")
     cores = os.cpu_count() or 1
     machine = {"matmul_gflops_1": matmul_gflops(1), "matmul_gflops_all": matmul_gflops(cores),
                "read_gbps_1": read_gbps(1), "read_gbps_all": read_gbps(cores)}  # fmt: skip
     tmp = Path(tempfile.mkdtemp())
     report = {"command": " ".join(sys.argv), "cpu": cpu_name(), "machine": machine}
-    sections = args.sections.split(",")
     if "reference" in sections:
         report["reference"] = reference_section(reference_checkpoint(tmp), args.rounds)
     if "builtin" in sections:

@@ -7,7 +7,8 @@ same modules serve the plain full-sequence forward (training, tests) and the ser
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 from parcae_serve.model.config import ParcaeConfig, layer_location
 
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the normed input
+
+T = TypeVar("T")
 
 
 class AttentionContext(Protocol):
@@ -43,13 +46,17 @@ class CausalContext:
         return sdpa(q, k, v, causal=q.shape[2] > 1)
 
 
-def frozen(module: nn.Module, name: str, params: tuple[Tensor, ...], build):
+def frozen(module: nn.Module, name: str, params: tuple[Tensor, ...], build: Callable[[], T]) -> T:
     """`build()` cached on `module` until one of `params` changes (in place or replaced): lets
     inference reuse derived weights (a tensor or a tuple of them) without a separate 'compile'
-    step. Inside a compiled graph a value already built eagerly is read as a graph input;
-    building it there would redo it on every call (inductor's freezing does not fold derived
-    weights of a model passed as an argument: measured, the fused QKV weight was
-    re-concatenated on every decode token)."""
+    step.
+
+    Inside a compiled graph a value already built eagerly is read as a graph input, and is not
+    checked against `params` again: a graph serves weights that do not change after it was
+    warmed up (an eager call first builds them; see CompiledDecoder.warm). Building it inside
+    the graph would redo it on every call (inductor's freezing does not fold derived weights of
+    a model passed as an argument: measured, the fused QKV weight was re-concatenated on every
+    decode token)."""
     built = module.__dict__.setdefault("_frozen", {})
     if torch.compiler.is_compiling():
         return built[name][1] if name in built else build()
@@ -63,7 +70,7 @@ def derived_weights(model: nn.Module) -> list[Tensor]:
     """Every tensor `frozen` has built and cached in `model`'s modules (for a CUDA graph to
     read them in place instead of copying them in at every replay)."""
 
-    def leaves(value) -> list[Tensor]:
+    def leaves(value: object) -> list[Tensor]:
         if isinstance(value, Tensor):
             return [value]
         return [t for v in value for t in leaves(v)] if isinstance(value, tuple) else []

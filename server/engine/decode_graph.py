@@ -227,7 +227,7 @@ class CompiledDecoder:
                     torch._dynamo.mark_static_address(pool)
             self._fn = torch.compile(decode_forward, fullgraph=True, dynamic=True, options=options)
             self._fn_single = self._fn
-            if mode == "inductor":
+            if mode == "inductor" and cache.outer_k.device.type == "cpu":
                 single = {**options, **SINGLE_ROW_OPTIONS}
                 self._fn_single = torch.compile(
                     decode_forward_single, fullgraph=True, dynamic=True, options=single
@@ -244,7 +244,9 @@ class CompiledDecoder:
 
     def __call__(self, depth: int, batch: DecodeBatch) -> DecodeResult:
         B, L = batch.outer_rows.shape
-        S = max(len(batch.rec_rows), 2)  # a compiler specialises size 1: pad rows and slots
+        # a compiler specialises size 1: slots are padded to 2; rows are padded only to CUDA
+        # graph buckets (a batch of one has its own graph, see decode_forward_single)
+        S = max(len(batch.rec_rows), 2)
         if self.mode == "cudagraphs":
             padded = pad_batch(batch, bucket(B, BATCH_BUCKETS), bucket(L), S)
         else:
@@ -261,11 +263,11 @@ class CompiledDecoder:
     def warm(self, depth: int) -> None:
         """Compile `depth` by running it on dummy rows."""
         with torch.inference_mode():  # as when serving: inference tensors guard differently
-            # eagerly first: derived weights (fused QKV, decay) are built once, outside the graph
-            decode_forward(self.model, depth, self._dummy(depth, 2), self.pools)
-            if self.mode == "cudagraphs":
-                for weight in derived_weights(self.model):
-                    torch._dynamo.mark_static_address(weight)
+            if not self.ready:  # derived weights (fused QKV, decay) built once, outside graphs
+                decode_forward(self.model, depth, self._dummy(depth, 2), self.pools)
+                if self.mode == "cudagraphs":
+                    for weight in derived_weights(self.model):
+                        torch._dynamo.mark_static_address(weight)
             for rows in (1, 2):  # one stream has a graph of its own (see decode_forward_single)
                 self(depth, self._dummy(depth, rows))
         self.ready.add(depth)
@@ -298,10 +300,11 @@ COMPILE_OPTIONS = {
     "cpp.weight_prepack": False,  # measured: MKL's packed GEMM costs more than plain mm at M<=32
 }
 # One row on the CPU: with the batch a constant 1 every matmul is a matrix-vector product, which
-# inductor then writes as a vectorised dot-product loop fused with its neighbours instead of
-# calling the BLAS `mm` (~9 us of dispatch each, ~80 a token); a whole token becomes two C++
-# kernels, and the C++ wrapper replaces the Python one's per-buffer calls. Batches of 2 or more
-# keep `mm`, which reads each weight once for all rows.
+# inductor then writes (weight dimensions up to 2048; larger ones stay BLAS) as a vectorised
+# dot-product loop fused with its neighbours instead of calling `mm` (~9 us of dispatch each,
+# ~80 a token on the reference shape, whose whole token becomes two C++ kernels); the C++
+# wrapper replaces the Python one's per-buffer calls. Batches of 2 or more keep `mm`, which
+# reads each weight once for all rows.
 SINGLE_ROW_OPTIONS = {
     "post_grad_fusion_options": {"decompose_mm_pass": {}},
     "cpp_wrapper": True,

@@ -125,6 +125,9 @@ class ModelRunner:
         and the rows the new K/V go to: outer (B,), recurrent (S, B)."""
         tables = [g.seq.table for g in groups]
         pos = torch.tensor([int(g.positions[0]) for g in groups])
+        if any(int(p) >= t.capacity for p, t in zip(pos, tables, strict=True)):
+            # the gather below would read padding and write another sequence's rows
+            raise RuntimeError("decode position past its block table's capacity")
         if len(groups) == 1:
             outer_rows, rec_rows = tables[0].outer_index()[None], tables[0].rec_index()[:, None]
         else:
