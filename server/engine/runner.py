@@ -124,10 +124,11 @@ class ModelRunner:
         """Graph inputs from the sequences' kept pool-row indices (never rebuilt per token),
         and the rows the new K/V go to: outer (B,), recurrent (S, B)."""
         tables = [g.seq.table for g in groups]
-        pos = torch.tensor([int(g.positions[0]) for g in groups])
-        if any(int(p) >= t.capacity for p, t in zip(pos, tables, strict=True)):
+        starts = [int(g.positions[0]) for g in groups]
+        if any(p >= t.capacity for p, t in zip(starts, tables, strict=True)):
             # the gather below would read padding and write another sequence's rows
             raise RuntimeError("decode position past its block table's capacity")
+        pos = torch.tensor(starts)
         if len(groups) == 1:
             outer_rows, rec_rows = tables[0].outer_index()[None], tables[0].rec_index()[:, None]
         else:
@@ -254,7 +255,8 @@ class ModelRunner:
         decided = None
         if residual is not False:
             after32 = after.float()  # no-op in fp32; bf16 norms are too coarse for a threshold
-            ratio = (after32 - before.float()).norm(dim=-1) / after32.norm(dim=-1)
+            size = after32.norm(dim=-1).clamp_min(1e-12)  # a zero state: ratio 0, not nan
+            ratio = (after32 - before.float()).norm(dim=-1) / size
             decided = ratio < threshold if residual is True else residual & (ratio < threshold)
         if learned is not False:
             loops = {g.loop + 1 for g in groups}
