@@ -83,8 +83,9 @@ def test_cors_for_the_allowed_origin_only(ops) -> None:
 
 def test_request_ids_and_one_log_line_per_request(ops) -> None:
     url, log = ops
-    r = complete(url, {"model": "alpha@T3", "prompt": "def f():", "max_tokens": 4},
-                 **{"X-Request-Id": "trace-42"})  # fmt: skip
+    # sampled without a seed: ignore_eos, so the log line always counts 4 completion tokens
+    r = complete(url, {"model": "alpha@T3", "prompt": "def f():", "max_tokens": 4,
+                       "ignore_eos": True}, **{"X-Request-Id": "trace-42"})  # fmt: skip
     assert r.headers["x-request-id"] == "trace-42" and r.json()["id"] == "cmpl-trace-42"
     fresh = complete(url, {"prompt": "def f():", "max_tokens": 1}, **{"X-Request-Id": "bad\x7fid"})
     assert re.fullmatch(r"[0-9a-f]{32}", fresh.headers["x-request-id"])
