@@ -33,7 +33,7 @@ from parcae_serve.server.engine.kv_cache import LoopSlotPolicy, choose_policy
 from parcae_serve.server.engine.metrics import Metrics
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
-from parcae_serve.server.engine.sequence import EngineRequest, LoopParams
+from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, Speculation
 
 log = logging.getLogger("parcae.serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,7 +122,9 @@ def build(state: ServerState) -> None:
     policy, policy_reason = kv_policy(s, calibration, default_depth)
     log.info("kv policy %s: %s", policy, policy_reason)
     engine_cfg = EngineConfig(
-        scheduler=SchedulerConfig(s.max_batch, s.max_queue, s.prefill_chunk, max_context),
+        scheduler=SchedulerConfig(
+            s.max_batch, s.max_queue, s.prefill_chunk, max_context, s.speculative_max_batch
+        ),
         kv_policy=policy,
         kv_cache_bytes=s.kv_cache_bytes or default_kv_bytes(device),
         block_size=s.block_size,
@@ -139,7 +141,8 @@ def build(state: ServerState) -> None:
     engine = Engine(model, engine_cfg, state.metrics, probe)
     depths = [int(d) for d in s.compile_depths.split(",")] if s.compile_depths else [default_depth]
     started = time.monotonic()
-    engine.compile_decode([d for d in depths if d <= s.max_depth])
+    speculation = Speculation.parse(s.speculative)
+    engine.compile_decode([d for d in depths if d <= s.max_depth], speculation)
     if engine_cfg.compile != "off":
         log.info("compiled decode (%s) for depths %s in %.0f s", engine_cfg.compile, depths,
                  time.monotonic() - started)  # fmt: skip
@@ -154,6 +157,7 @@ def build(state: ServerState) -> None:
         max_sequences=s.max_batch + s.max_queue,
         max_prompt_chars=max_context * longest_token_chars(tokenizer),
         frontier=frontier,
+        speculative=speculation,
     )
     # published in /v1/models beside kv_policy: why it is in force (and up to which depth)
     card: dict = {"kv_policy_reason": policy_reason}

@@ -24,6 +24,7 @@ from parcae_serve.server.api.protocol import (
     PromptTokensDetails,
     RecurrenceExitSpec,
     RecurrenceUsage,
+    SpeculativeUsage,
     Usage,
 )
 from parcae_serve.server.api.served_models import ServedModels, UnknownModel
@@ -42,6 +43,7 @@ from parcae_serve.server.engine.sequence import (
     LoopParams,
     RecurrenceExit,
     Sequence,
+    Speculation,
     StepOutput,
 )
 
@@ -78,6 +80,7 @@ class ServingLimits:
     max_sequences: int  # --max-batch + --max-queue: the most sequences the server ever holds
     max_prompt_chars: int  # a longer text prompt cannot fit the context (see longest_token_chars)
     frontier: Frontier | None = None  # measured by calibration: what criterion "auto" picks from
+    speculative: Speculation | None = None  # the server's default (--speculative)
 
     @property
     def model_name(self) -> str:
@@ -119,6 +122,8 @@ class Choice:
     cached_tokens: int = 0  # prompt tokens the prefix cache served
     loops: int = 0
     positions: int = 0
+    drafted: int = 0  # speculative tokens drafted / accepted
+    accepted: int = 0
     error: str | None = None
     seq: Sequence | None = None
     outputs: AsyncIterator[StepOutput] | None = None
@@ -172,7 +177,8 @@ class CompletionService:
                 raise APIError(400, "this model has no learned exit probe (write one with "
                                "`parcae calibrate`)", param="recurrence_exit.criterion")  # fmt: skip
             rule = RecurrenceExit(spec.criterion, spec.threshold, spec.min_depth)
-        loops = LoopParams(depth, rule, req.recurrence_warm_start, self._policy(req, depth))
+        policy, speculation = self._policy(req, depth), self._speculation(req, depth, rule)
+        loops = LoopParams(depth, rule, req.recurrence_warm_start, policy, speculation)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOPS:
             raise APIError(400, f"at most {MAX_STOPS} stop strings, got {len(stops)}", param="stop")
@@ -251,6 +257,31 @@ class CompletionService:
             raise APIError(400, "stream_options.continuous_usage_stats is not supported by this "
                            "server", param="stream_options.continuous_usage_stats",
                            code="unsupported_parameter")  # fmt: skip
+
+    def _speculation(
+        self, req: CompletionRequest, depth: int, rule: RecurrenceExit | None
+    ) -> Speculation | None:
+        """The request's speculation, checked; absent, the server's where it applies (a fixed
+        depth deeper than the draft, no warm start)."""
+        spec = req.recurrence_speculative
+        if spec is False:
+            return None
+        if spec is None:
+            default = self.limits.speculative
+            fits = default is not None and default.draft_depth < depth
+            return default if fits and rule is None and not req.recurrence_warm_start else None
+        param = "recurrence_speculative"
+        if spec.draft_depth >= depth:
+            raise APIError(400, f"recurrence_speculative.draft_depth ({spec.draft_depth}) must "
+                           f"be below the recurrence depth ({depth})",
+                           param=f"{param}.draft_depth")  # fmt: skip
+        if rule is not None:
+            raise APIError(400, "speculative decoding verifies at a fixed depth: it does not "
+                           "combine with recurrence_exit", param=param)  # fmt: skip
+        if req.recurrence_warm_start:
+            raise APIError(400, "speculative decoding does not combine with "
+                           "recurrence_warm_start", param=param)  # fmt: skip
+        return Speculation(spec.draft_depth, spec.tokens)
 
     def _policy(self, req: CompletionRequest, depth: int) -> LoopSlotPolicy | None:
         if req.kv_policy is None:
@@ -438,6 +469,7 @@ class CompletionService:
         async with aclosing(choice.outputs) as outputs:
             async for out in outputs:
                 choice.loops, choice.positions = out.total_loops, out.positions
+                choice.drafted, choice.accepted = out.draft_tokens, out.accepted_tokens
                 choice.cached_tokens = choice.seq.cached_tokens
                 yield self._apply(choice, out)
                 if choice.finish_reason is not None:
@@ -463,7 +495,9 @@ class CompletionService:
             total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
             recurrence=RecurrenceUsage(
-                mean_depth=round(loops / positions, 4) if positions else 0.0, total_loops=loops
+                mean_depth=round(loops / positions, 4) if positions else 0.0,
+                total_loops=loops,
+                speculative=_speculative_usage(choices),
             ),
         )
 
@@ -599,6 +633,14 @@ class Result:
     choice: Choice
     text: str
     logprobs: Logprobs | None
+
+
+def _speculative_usage(choices: list[Choice]) -> SpeculativeUsage | None:
+    if not any(c.request.loops.speculative for c in choices):
+        return None
+    drafted, accepted = sum(c.drafted for c in choices), sum(c.accepted for c in choices)
+    rate = round(accepted / drafted, 4) if drafted else 0.0
+    return SpeculativeUsage(draft_tokens=drafted, accepted_tokens=accepted, acceptance_rate=rate)
 
 
 def note_usage(record: dict | None, usage: Usage) -> None:

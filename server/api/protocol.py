@@ -47,6 +47,14 @@ class RecurrenceExitSpec(BaseModel):
         return self
 
 
+class SpeculativeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    draft_depth: int = Field(
+        ge=1, description="loops of the draft (below the request's recurrence depth)"
+    )
+    tokens: int = Field(ge=1, le=16, description="tokens drafted per verify pass")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -127,6 +135,11 @@ class GenerationFields(BaseModel):
     recurrence_depth: int | None = Field(default=None, ge=1)
     recurrence_exit: RecurrenceExitSpec | None = None
     recurrence_warm_start: bool = False
+    recurrence_speculative: SpeculativeSpec | Literal[False] | None = Field(
+        default=None,
+        description="self-speculative decoding: draft at draft_depth loops, verify at the full "
+        "depth (same output); false: off; absent: the server's --speculative",
+    )
     kv_policy: str | None = None  # per-request loop-slot policy, if no more slots than the server's
 
 
@@ -138,9 +151,18 @@ class CompletionRequest(GenerationFields):
     add_special_tokens: bool = True
 
 
+class SpeculativeUsage(BaseModel):
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+
+
 class RecurrenceUsage(BaseModel):
     mean_depth: float
     total_loops: int
+    speculative: SpeculativeUsage | None = Field(
+        default=None, description="present when the request decoded speculatively"
+    )
 
 
 class PromptTokensDetails(BaseModel):

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from parcae_serve.server.api.served_models import parse_presets
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
+from parcae_serve.server.engine.sequence import Speculation
 
 
 class ServerSettings(BaseSettings):
@@ -104,6 +105,17 @@ class ServerSettings(BaseSettings):
         description="comma-separated depths whose decode graphs are compiled at start-up "
         "(default: the default depth); decode at other depths runs eagerly",
     )
+    speculative: str = Field(
+        "off",
+        description="default self-speculative decoding, D:K (draft at D loops, K tokens per "
+        "verify pass; requests override it with recurrence_speculative) or off",
+    )
+    speculative_max_batch: int = Field(
+        4,
+        ge=0,
+        description="speculate only while at most this many sequences run (under "
+        "load, batching already fills the machine)",
+    )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")
     api_key: Annotated[list[str], NoDecode] = Field(
@@ -181,6 +193,12 @@ class ServerSettings(BaseSettings):
                 f"--default-depth {self.default_depth} exceeds --max-depth {self.max_depth}"
             )
         return self
+
+    @field_validator("speculative")
+    @classmethod
+    def _known_speculation(cls, value: str) -> str:
+        Speculation.parse(value)  # raises ValueError with the accepted forms
+        return value
 
     @field_validator("kv_policy")
     @classmethod

@@ -25,7 +25,8 @@ from parcae_serve.server.engine.metrics import Metrics
 from parcae_serve.server.engine.runner import InFlight, ModelRunner
 from parcae_serve.server.engine.sampling import Sampled, SampleRow, prompt_scores, sample
 from parcae_serve.server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, Work
-from parcae_serve.server.engine.sequence import EngineRequest, Sequence, StepOutput
+from parcae_serve.server.engine.sequence import EngineRequest, Sequence, Speculation, StepOutput
+from parcae_serve.server.engine.speculative import Speculator
 
 __all__ = ["Engine", "EngineConfig", "QueueFull"]
 
@@ -69,6 +70,7 @@ class Engine:
         )
         self.scheduler = Scheduler(config.scheduler, self.cache)
         self.runner = ModelRunner(model, self.cache, config.compile, exit_probe)
+        self.speculator = Speculator(self.runner, self._row)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.pool: list[InFlight] = []
@@ -77,6 +79,7 @@ class Engine:
         self.pending = 0  # submitted and not yet finished (read by the SIGTERM drain)
         self._pending_lock = threading.Lock()
         self._counted = (0, 0, 0)  # prefix queries, hits, preemptions already in the metrics
+        self._spec_totals = [0, 0]  # tokens drafted, accepted (for the acceptance-rate gauge)
 
     # Lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,12 +92,19 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def compile_decode(self, depths: list[int]) -> None:
-        """Compile (warm up) the decode graphs of `depths` (one serves every KV policy); call
-        before serving. Decode at other depths runs eagerly."""
-        if self.runner.decoder is not None:
-            for depth in depths:
-                self.runner.decoder.warm(depth)
+    def compile_decode(self, depths: list[int], speculation: Speculation | None = None) -> None:
+        """Compile (warm up) the decode graphs of `depths` (one serves every KV policy), and
+        with `speculation` its draft depth and the verify graphs of each depth; call before
+        serving. Decode at other depths runs eagerly."""
+        if self.runner.decoder is None:
+            return
+        drafts = [speculation.draft_depth] if speculation else []
+        for depth in dict.fromkeys(depths + drafts):
+            self.runner.decoder.warm(depth)
+        for depth in depths:
+            if speculation and speculation.draft_depth < depth:
+                spec = speculation
+                self.runner.spec_graphs.warm(depth, spec.draft_depth, spec.tokens)
 
     def _run(self) -> None:
         while not self._stop:
@@ -174,7 +184,11 @@ class Engine:
         for seq in sched.admit(self._namespace):
             if not seq.preemptions:  # a readmission after preemption is not queueing time
                 self.metrics.queue_time.observe(seq.admitted_at - seq.arrival)
-        groups = [self._in_flight(w) for w in sched.plan()]
+        work = sched.plan()
+        speculating = [w for w in work if w.speculate]
+        if speculating:  # whole draft-verify rounds (one token or more each)
+            self._speculate(speculating)
+        groups = [self._in_flight(w) for w in work if not w.speculate]
         keys = [self.runner.compiled_key(g) for g in groups]
         compiled = [(g, k) for g, k in zip(groups, keys, strict=True) if k is not None]
         if compiled:  # whole tokens in one graph call per (depth, slots), finished at once
@@ -188,7 +202,7 @@ class Engine:
             self.pool.extend(eager)
         self._observe_gauges()
         if not self.pool:
-            return bool(compiled) or bool(sched.waiting and sched.running)
+            return bool(compiled or speculating) or bool(sched.waiting and sched.running)
         while True:
             looping = [g for g in self.pool if not g.done]
             if looping:
@@ -244,46 +258,78 @@ class Engine:
             logprobs = torch.log_softmax(logits[: len(targets)], -1)
             seq.prompt_scores += prompt_scores(logprobs, targets, k)
 
-    def _emit_samples(self, logits: torch.Tensor, items: list[tuple[Sequence, int]]) -> None:
-        eos = self.config.eos_id
-        rows = []
-        for seq, _ in items:
-            p = seq.request.sampling
-            banned = []
-            if len(seq.output) < p.min_tokens:
-                banned = list(p.stop_token_ids) + (
-                    [eos] if eos is not None and not p.ignore_eos else []
-                )
-            rows.append(
-                SampleRow(p, seq.sample_gen, seq.tokens[: seq.num_prompt], seq.output, banned)
+    def _row(self, seq: Sequence, output: list[int]) -> SampleRow:
+        """What sampling needs of `seq` with `output` generated so far."""
+        p, eos = seq.request.sampling, self.config.eos_id
+        banned = []
+        if len(output) < p.min_tokens:
+            banned = list(p.stop_token_ids) + (
+                [eos] if eos is not None and not p.ignore_eos else []
             )
+        return SampleRow(p, seq.sample_gen, seq.tokens[: seq.num_prompt], output, banned)
+
+    def _emit_samples(self, logits: torch.Tensor, items: list[tuple[Sequence, int]]) -> None:
+        rows = [self._row(seq, seq.output) for seq, _ in items]
         now = time.monotonic()
         for (seq, depth), s in zip(items, self._sample(logits, rows), strict=True):
             if isinstance(s, str):
                 self._complete(seq, StepOutput(finish_reason="error", error=s))
-                continue
-            p = seq.request.sampling
-            seq.tokens.append(s.token)
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                self.metrics.ttft.observe(now - seq.arrival)
-            seq.last_token_at = now
-            reason = None
-            if (s.token == eos and not p.ignore_eos) or s.token in p.stop_token_ids:
-                reason = "stop"
-            elif (
-                len(seq.output) >= p.max_tokens
-                or len(seq.tokens) >= self.config.scheduler.max_context
-            ):
-                reason = "length"
-            out = StepOutput(s.token, s.logprob, s.top, depth, finish_reason=reason)
-            if len(seq.output) == 1 and seq.request.sampling.prompt_logprobs is not None:
-                out.prompt_scores, out.prompt_depths = seq.prompt_scores, seq.prompt_depths
-            if reason:
-                self._complete(seq, out)
             else:
-                self._send(seq, out)
+                self._take(seq, s, depth, now)
         self.metrics.generation_tokens.inc(len(items))
+
+    def _take(self, seq: Sequence, s: Sampled, depth: int, now: float) -> bool:
+        """Append a sampled token and send it; True when it ended the sequence."""
+        p, eos = seq.request.sampling, self.config.eos_id
+        seq.tokens.append(s.token)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.ttft.observe(now - seq.arrival)
+        seq.last_token_at = now
+        reason = None
+        if (s.token == eos and not p.ignore_eos) or s.token in p.stop_token_ids:
+            reason = "stop"
+        elif (
+            len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.config.scheduler.max_context
+        ):
+            reason = "length"
+        out = StepOutput(s.token, s.logprob, s.top, depth, finish_reason=reason)
+        if len(seq.output) == 1 and p.prompt_logprobs is not None:
+            out.prompt_scores, out.prompt_depths = seq.prompt_scores, seq.prompt_depths
+        if reason:
+            self._complete(seq, out)
+        else:
+            self._send(seq, out)
+        return reason is not None
+
+    def _speculate(self, work: list[Work]) -> None:
+        """Self-speculative rounds: each sequence gets the tokens its round verified (at its
+        depth, counted as if decoded plainly), up to the first that ends it."""
+        try:
+            proposals = self.speculator.round([w.seq for w in work], [w.speculate for w in work])
+        except Exception as err:  # fail these sequences, not the server
+            for w in work:
+                w.seq.in_flight = False
+                self._complete(w.seq, StepOutput(finish_reason="error", error=repr(err)))
+            return
+        now, emitted = time.monotonic(), 0
+        for prop in proposals:
+            seq, depth = prop.seq, prop.seq.request.loops.depth
+            seq.draft_tokens += prop.drafted
+            seq.accepted_tokens += prop.accepted
+            self.metrics.draft_tokens.inc(prop.drafted)
+            self.metrics.accepted_tokens.inc(prop.accepted)
+            for s in prop.tokens:
+                seq.total_loops += depth
+                seq.positions_run += 1
+                self._account([depth], 0)
+                emitted += 1
+                if self._take(seq, s, depth, now):
+                    break
+        self.metrics.generation_tokens.inc(emitted)
+        self._spec_totals[0] += sum(p.drafted for p in proposals)
+        self._spec_totals[1] += sum(p.accepted for p in proposals)
+        self.metrics.acceptance_rate.set(self._spec_totals[1] / max(1, self._spec_totals[0]))
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled | str]:
@@ -324,6 +370,7 @@ class Engine:
     @staticmethod
     def _send(seq: Sequence, out: StepOutput) -> None:
         out.total_loops, out.positions = seq.total_loops, seq.positions_run
+        out.draft_tokens, out.accepted_tokens = seq.draft_tokens, seq.accepted_tokens
         seq.emit(out)
 
     # Inbox, aborts, gauges -----------------------------------------------------------------------

@@ -381,7 +381,16 @@ class KVCache:
 
     def free(self, table: BlockTable) -> None:
         """Drop a sequence's references; finished prompt blocks stay reusable until evicted."""
-        for bundle in table.bundles:
+        self.truncate(table, 0)
+
+    def truncate(self, table: BlockTable, tokens: int) -> None:
+        """Keep only the blocks that hold the first `tokens` positions (speculative rollback
+        gives back the blocks of rejected drafts); a dropped prompt block stays reusable."""
+        keep = self.blocks_for(tokens)
+        if len(table.bundles) <= keep:
+            return
+        table._outer_t = table._rec_t = None  # regrown to the same size, they would be stale
+        for bundle in table.bundles[keep:]:
             bundle.refs -= 1
             if bundle.refs == 0:
                 if bundle.key is not None and self.prefix.get(bundle.key) is bundle:
@@ -389,9 +398,10 @@ class KVCache:
                     self.evictable_rec += len(bundle.recurrent)
                 else:
                     self._release(bundle)
-        table.bundles.clear()
-        table.outer_rows.clear()
-        table.rec_rows = [[] for _ in range(table.num_slots)]
+        del table.bundles[keep:]
+        del table.outer_rows[keep * self.block_size :]
+        for rows in table.rec_rows:
+            del rows[keep * self.block_size :]
 
     # Prefix reuse ---------------------------------------------------------------------------
     def _chain(self, namespace: bytes, tokens: list[int]) -> list[bytes]:

@@ -63,6 +63,14 @@ class Metrics:
         self.preemptions = counter(
             "preemptions", "Sequences preempted for cache memory (swapped out)"
         )
+        # vLLM's spec_decode_num_draft_tokens / num_accepted_tokens / draft_acceptance_rate
+        self.draft_tokens = counter("spec_decode_draft_tokens", "Speculative tokens drafted")
+        self.accepted_tokens = counter(
+            "spec_decode_accepted_tokens", "Drafted tokens the full-depth verify pass kept"
+        )
+        self.acceptance_rate = gauge(
+            "spec_decode_acceptance_rate", "Accepted / drafted tokens since the server started"
+        )
         self.running = gauge("requests_running", "Sequences being computed")
         self.waiting = gauge("requests_waiting", "Sequences waiting to start")
         self.kv_usage = gauge("kv_cache_usage_ratio", "KV-cache bytes in use / pool")

@@ -29,6 +29,7 @@ from parcae_serve.server.engine.decode_graph import (
 from parcae_serve.server.engine.kv_cache import KVCache
 from parcae_serve.server.engine.paged_attention import AttentionGroup, PagedAttention
 from parcae_serve.server.engine.sequence import Sequence
+from parcae_serve.server.engine.speculative_graph import SpeculativeGraphs
 
 NOISE_STRIDE = 1_000_003  # seed * stride + position: per-position h_0 noise streams
 _uids = itertools.count()
@@ -84,6 +85,8 @@ class ModelRunner:
         self.decoder = (
             None if compile_mode == "off" else CompiledDecoder(model, cache, compile_mode)
         )
+        self.spec_graphs = SpeculativeGraphs(model, cache, compile_mode)
+        self._eager_decoder: CompiledDecoder | None = None
 
     # The compiled decode path --------------------------------------------------------------
     def compiled_key(self, g: InFlight) -> DecodeKey | None:
@@ -94,21 +97,31 @@ class ModelRunner:
             return None
         return decode_key(g.depth, g.seq.table.slot)
 
+    def graphs(self, depth: int) -> CompiledDecoder:
+        """The decode graphs for `depth`: compiled if warmed up, else the same code eagerly."""
+        if self.decoder is not None and depth in self.decoder.ready:
+            return self.decoder
+        if self._eager_decoder is None:
+            self._eager_decoder = CompiledDecoder(self.model, self.cache, "eager")
+        return self._eager_decoder
+
     @torch.inference_mode()
-    def decode(self, groups: list[InFlight], keys: list[DecodeKey]) -> Tensor:
-        """Run single-token groups through their compiled graphs (one call per key) and leave
-        them done, as if they had looped; returns fp32 logits (N, V) in the groups' order."""
+    def decode(
+        self, groups: list[InFlight], keys: list[DecodeKey], graphs: CompiledDecoder | None = None
+    ) -> Tensor:
+        """Run single-token groups through decode graphs (`graphs`, default the compiled ones;
+        one call per key) and leave them done, as if they had looped; returns fp32 logits (N, V)
+        in the groups' order."""
+        graphs = graphs or self.decoder
         logits: list[Tensor | None] = [None] * len(groups)
         by_key: dict[DecodeKey, list[int]] = {}
         for i, key in enumerate(keys):
             by_key.setdefault(key, []).append(i)
         for key, members in by_key.items():
-            tensors = self._key_tensors.get(key)
-            if tensors is None:
-                tensors = self._key_tensors[key] = KeyTensors.build(self.cache, key[1])
+            tensors = self._tensors(key[1])
             rows = [groups[i] for i in members]
             batch, outer_write, rec_write = self._decode_batch(rows, tensors.slots)
-            out = self.decoder(key[0], batch)
+            out = graphs(key[0], batch)
             write_kv(self._flat_pools, tensors, out, outer_write, rec_write)
             for j, i in enumerate(members):
                 g = groups[i]
@@ -125,19 +138,8 @@ class ModelRunner:
         and the rows the new K/V go to: outer (B,), recurrent (S, B)."""
         tables = [g.seq.table for g in groups]
         starts = [int(g.positions[0]) for g in groups]
-        if any(p >= t.capacity for p, t in zip(starts, tables, strict=True)):
-            # the gather below would read padding and write another sequence's rows
-            raise RuntimeError("decode position past its block table's capacity")
+        outer_rows, rec_rows = self._pool_rows(tables, starts)
         pos = torch.tensor(starts)
-        if len(groups) == 1:
-            outer_rows, rec_rows = tables[0].outer_index()[None], tables[0].rec_index()[:, None]
-        else:
-            L = max(t.capacity for t in tables)
-            outer_rows = torch.zeros(len(groups), L, dtype=torch.long)
-            rec_rows = torch.zeros(tables[0].num_slots, len(groups), L, dtype=torch.long)
-            for b, t in enumerate(tables):
-                outer_rows[b, : t.capacity] = t.outer_index()
-                rec_rows[:, b, : t.capacity] = t.rec_index()
         outer_write = outer_rows.gather(1, pos[:, None])[:, 0]
         rec_write = rec_rows.gather(2, pos.expand(len(rec_rows), -1)[..., None])[..., 0]
         positions = pos.to(self.device)
@@ -151,6 +153,78 @@ class ModelRunner:
             slots=slots,
         )
         return batch, outer_write.to(self.device), rec_write.to(self.device)
+
+    @staticmethod
+    def _pool_rows(tables: list, last: list[int]) -> tuple[Tensor, Tensor]:
+        """The sequences' kept pool-row indices, outer (B, L) and recurrent (S, B, L), padded to
+        the longest table; `last`: the last position each row writes (checked in range)."""
+        if any(p >= t.capacity for p, t in zip(last, tables, strict=True)):
+            # the gather of the write rows would read padding and write another sequence's rows
+            raise RuntimeError("decode position past its block table's capacity")
+        if len(tables) == 1:
+            return tables[0].outer_index()[None], tables[0].rec_index()[:, None]
+        L = max(t.capacity for t in tables)
+        outer_rows = torch.zeros(len(tables), L, dtype=torch.long)
+        rec_rows = torch.zeros(tables[0].num_slots, len(tables), L, dtype=torch.long)
+        for b, t in enumerate(tables):
+            outer_rows[b, : t.capacity] = t.outer_index()
+            rec_rows[:, b, : t.capacity] = t.rec_index()
+        return outer_rows, rec_rows
+
+    @torch.inference_mode()
+    def verify(self, groups: list[InFlight], start: int) -> Tensor:
+        """Finish drafted tokens at their full depth (self-speculative decoding): each group is
+        K consecutive positions of one sequence whose `h` (K, d_rec) holds the states after
+        `start` loops; the groups share depth, K and loop slots. Writes their K/V for loops
+        `start`.. and the outer layers; returns fp32 logits (B*K, V), group by group."""
+        depth = groups[0].depth
+        h0 = torch.stack([g.h for g in groups])
+        batch, slots, outer_write, rec_write = self._chunk_batch(groups, depth, h0)
+        out = self.spec_graphs.verify(depth, start, batch)
+        write_kv(self._flat_pools, self._tensors(slots[start:]), out, outer_write, rec_write)
+        return out.logits
+
+    @torch.inference_mode()
+    def draft(self, groups: list[InFlight], depth: int) -> tuple[list[list[int]], Tensor]:
+        """k greedy drafts per group in one compiled call (see `spec_graphs.can_draft`): each
+        group is the k positions a sequence drafts from, `ids` its last accepted token (1,).
+        Writes their K/V of loops < `depth`; returns the drafts (B lists of k) and the states
+        after `depth` loops (B, k, d_rec)."""
+        h0 = torch.stack([self._initial_state(g, self._like) for g in groups])
+        batch, slots, outer_write, rec_write = self._chunk_batch(groups, depth, h0)
+        out = self.spec_graphs.draft(depth, batch)
+        write_kv(self._flat_pools, self._tensors(slots), out, outer_write, rec_write)
+        return out.tokens.tolist(), out.h.view(len(groups), -1, out.h.shape[-1])
+
+    def _chunk_batch(
+        self, groups: list[InFlight], loops: int, h0: Tensor
+    ) -> tuple[DecodeBatch, tuple[int, ...], Tensor, Tensor]:
+        """Graph inputs for groups of K consecutive positions each, the loop slots of the first
+        `loops` loops, and the pool rows their new K/V go to: outer (B*K,), recurrent
+        (S, B*K)."""
+        tables = [g.seq.table for g in groups]
+        pos = torch.stack([g.positions for g in groups])  # (B, K)
+        outer_rows, rec_rows = self._pool_rows(tables, pos[:, -1].tolist())
+        outer_write = outer_rows.gather(1, pos).view(-1)
+        rec_write = rec_rows.gather(2, pos.expand(len(rec_rows), -1, -1)).flatten(1)
+        slots = tuple(tables[0].slot(t) for t in range(loops))
+        batch = DecodeBatch(
+            ids=torch.stack([g.ids for g in groups]),
+            positions=pos.to(self.device),
+            h0=h0,
+            lengths=torch.tensor(pos[:, 0].tolist(), device=self.device),  # stride 1
+            outer_rows=outer_rows.to(self.device),
+            rec_rows=rec_rows.to(self.device),
+            slots=torch.tensor(slots, device=self.device),
+        )
+        return batch, slots, outer_write.to(self.device), rec_write.to(self.device)
+
+    def _tensors(self, slots: tuple[int, ...]) -> KeyTensors:
+        """The kept index tensors of a K/V write to `slots` (one per loop written)."""
+        key = (len(slots), slots)
+        if key not in self._key_tensors:
+            self._key_tensors[key] = KeyTensors.build(self.cache, slots)
+        return self._key_tensors[key]
 
     # Stage A -------------------------------------------------------------------------------
     @torch.inference_mode()

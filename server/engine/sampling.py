@@ -86,43 +86,65 @@ def filter_logits(logits: Tensor, p: SamplingParams) -> Tensor:
     return logits
 
 
+def plain_greedy(row: SampleRow) -> bool:
+    """The token is the raw logits' argmax (nothing reshapes the distribution first)."""
+    p = row.params
+    return p.greedy and not p.penalised and not row.banned and not p.logit_bias
+
+
 def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
     """Sample one token per row. Logprobs are those of the model's distribution (before
     logit_bias, temperature and filters), as OpenAI and vLLM report them."""
     logits = logits.float().cpu()  # per-request CPU generators; one small copy per step
-    logprobs = torch.log_softmax(logits, -1)
-    greedy = all(
-        r.params.greedy and not r.params.penalised and not r.banned and not r.params.logit_bias
-        for r in rows
-    )
-    if greedy:
+    if all(plain_greedy(r) for r in rows):
         tokens = logits.argmax(-1).tolist()
     else:
         tokens = [_sample_row(logits[i].clone(), row) for i, row in enumerate(rows)]
+    return describe(logits, tokens, [r.params.logprobs or 0 for r in rows])
+
+
+def describe(logits: Tensor, tokens: list[int], top_k: list[int]) -> list[Sampled]:
+    """What the response reports of chosen tokens: their logprob under the model's distribution
+    (fp32 CPU logits (N, V)) and the `top_k[i]` most likely alternatives (the chosen one always
+    listed, as OpenAI does)."""
+    logprobs = torch.log_softmax(logits, -1)
     chosen = logprobs.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
     out = []
-    k_max = max((r.params.logprobs or 0) for r in rows)
+    k_max = max(top_k, default=0)
     top_vals, top_ids = logprobs.topk(k_max, -1) if k_max else (None, None)
-    for i, row in enumerate(rows):
-        k = row.params.logprobs or 0
+    for i, k in enumerate(top_k):
         top = list(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist(), strict=True)) if k else []
-        if k and all(t != tokens[i] for t, _ in top):  # OpenAI always lists the sampled token
+        if k and all(t != tokens[i] for t, _ in top):
             top.append((tokens[i], chosen[i]))
         out.append(Sampled(tokens[i], chosen[i], top))
     return out
 
 
-def _sample_row(logits: Tensor, row: SampleRow) -> int:
-    if row.params.logit_bias:  # OpenAI's logit_bias: added before everything else
+def _shaped(logits: Tensor, row: SampleRow) -> Tensor:
+    """logit_bias (OpenAI's: added before everything else), bans and penalties, in place."""
+    if row.params.logit_bias:
         ids = torch.tensor(list(row.params.logit_bias), dtype=torch.long)
         logits[ids] += torch.tensor(list(row.params.logit_bias.values()), dtype=logits.dtype)
     if row.banned:
         logits[row.banned] = float("-inf")
-    logits = apply_penalties(logits, row)
+    return apply_penalties(logits, row)
+
+
+def _sample_row(logits: Tensor, row: SampleRow) -> int:
+    logits = _shaped(logits, row)
     if row.params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(filter_logits(logits, row.params), -1)
     return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def distribution(logits: Tensor, row: SampleRow) -> Tensor:
+    """The distribution `sample` draws this row's token from, (V,) fp32: one-hot at the shaped
+    argmax under greedy. `logits` (V,) fp32 CPU, left unchanged."""
+    logits = _shaped(logits.clone(), row)
+    if row.params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(), len(logits)).float()
+    return torch.softmax(filter_logits(logits, row.params), -1)
 
 
 def prompt_scores(

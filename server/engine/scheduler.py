@@ -16,6 +16,7 @@ class SchedulerConfig:
     max_queue: int = 256  # sequences waiting for admission before 429
     prefill_chunk: int = 256  # prompt tokens started per step (keeps running streams moving)
     max_context: int = 2048
+    speculative_max_batch: int = 4  # speculate only while at most this many sequences run
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Work:
     seq: Sequence
     start: int
     end: int  # positions [start, end) go through the model
+    speculate: int = 0  # > 0: a self-speculative round drafting this many tokens (one decode)
 
 
 class QueueFull(Exception):
@@ -97,9 +99,23 @@ class Scheduler:
             if not self._grow(seq, end + 1):
                 continue
             seq.in_flight = True
-            work.append(Work(seq, start, end))
+            work.append(Work(seq, start, end, self._drafts(seq) if remaining == 1 else 0))
         work.sort(key=lambda w: w.end - w.start > 1)  # decode tokens first: one batched SDPA
         return work
+
+    def _drafts(self, seq: Sequence) -> int:
+        """How many tokens a decode step of `seq` drafts: 0 (plain decoding) without speculation,
+        under load (batching already fills the machine), with fewer than 2 tokens left to
+        generate, or when the cache has no free room for the drafts (never preempts for them)."""
+        spec = seq.request.loops.speculative
+        if spec is None or len(self.running) > self.config.speculative_max_batch:
+            return 0
+        left = min(
+            seq.request.sampling.max_tokens - len(seq.output),
+            self.config.max_context - len(seq.tokens),
+        )
+        k = min(spec.tokens, left)
+        return k if k >= 2 and self.cache.ensure(seq.table, len(seq.tokens) + k) else 0
 
     def _grow(self, seq: Sequence, tokens: int) -> bool:
         """Make room for `tokens` positions, preempting the youngest idle sequences if needed."""

@@ -27,11 +27,31 @@ class RecurrenceExit:
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """Self-speculative decoding: draft `tokens` tokens at `draft_depth` loops, then verify
+    them at the request's depth in one pass (see server/engine/speculative.py)."""
+
+    draft_depth: int
+    tokens: int
+
+    @classmethod
+    def parse(cls, text: str) -> Speculation | None:
+        """`off` or `D:K` (draft depth D, K tokens), as the --speculative flag takes it."""
+        if text == "off":
+            return None
+        d, _, k = text.partition(":")
+        if not (d.isdigit() and k.isdigit() and int(d) >= 1 and int(k) >= 1):
+            raise ValueError(f"invalid speculation {text!r}: use off or D:K (D, K >= 1)")
+        return cls(int(d), int(k))
+
+
+@dataclass(frozen=True)
 class LoopParams:
     depth: int
     exit: RecurrenceExit | None = None
     warm_start: bool = False
     kv_policy: LoopSlotPolicy | None = None  # None: the server's
+    speculative: Speculation | None = None
 
 
 @dataclass
@@ -55,6 +75,8 @@ class StepOutput:
     error: str | None = None
     total_loops: int = 0  # loops run for this sequence so far (all positions)
     positions: int = 0  # positions run through the model so far
+    draft_tokens: int = 0  # speculative tokens drafted so far
+    accepted_tokens: int = 0  # of which the verify pass kept
 
 
 class Sequence:
@@ -83,6 +105,8 @@ class Sequence:
         self.cached_tokens = 0  # prompt positions whose K/V came from the prefix cache
         self.total_loops = 0
         self.positions_run = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
         self.prompt_scores: list[tuple[float, list[tuple[int, float]]]] = []
         self.last_h: Tensor | None = None  # final state of the previous token (warm start)
         self.arrival = time.monotonic()
