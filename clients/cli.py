@@ -30,6 +30,8 @@ from parcae_serve.clients.client import (
     ParcaeAPIError,
     ParcaeClient,
     RecurrenceExit,
+    Speculation,
+    SpeculativeUsage,
     Usage,
 )
 
@@ -44,6 +46,14 @@ def exit_rule(text: str) -> RecurrenceExit:
         return RecurrenceExit(parts[0], float(parts[1]), min_depth)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad number in {text!r}") from None
+
+
+def speculation(text: str) -> Speculation:
+    """`draft_depth:tokens`, e.g. `1:4`."""
+    d, _, k = text.partition(":")
+    if not (d.isdigit() and k.isdigit()):
+        raise argparse.ArgumentTypeError("expected DRAFT_DEPTH:TOKENS, e.g. 1:4")
+    return Speculation(int(d), int(k))
 
 
 def depth_list(text: str) -> list[int]:
@@ -63,9 +73,15 @@ def print_usage(usage: Usage | None) -> None:
         loops = usage.recurrence
         print(
             f"[{usage.completion_tokens} tokens, mean depth {loops.mean_depth:g}, "
-            f"{loops.total_loops} loops]",
+            f"{loops.total_loops} loops{speculated(loops.speculative)}]",
             file=sys.stderr,
         )
+
+
+def speculated(usage: SpeculativeUsage | None) -> str:
+    if usage is None:
+        return ""
+    return f", {usage.accepted_tokens}/{usage.draft_tokens} drafts accepted"
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -73,6 +89,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "depth": args.depth,
         "exit": args.exit,
+        "speculative": args.speculative,
         "temperature": args.temperature,
         "seed": args.seed,
     }
@@ -255,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=exit_rule,
         metavar="CRITERION:THRESHOLD[:MIN_DEPTH]",
         help="adaptive depth, e.g. kl:0.001 or residual:0.03:2",
+    )
+    complete.add_argument(
+        "--speculative",
+        type=speculation,
+        metavar="DRAFT_DEPTH:TOKENS",
+        help="self-speculative decoding, e.g. 1:4 (same output, usually faster)",
     )
     complete.add_argument("--stream", action="store_true", help="print tokens as they come")
     complete.add_argument("--max-tokens", type=int, default=64)

@@ -73,9 +73,35 @@ class RecurrenceExit:
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """Self-speculative decoding: draft `tokens` tokens at `draft_depth` loops, verify them at
+    the request's depth (same output as plain decoding)."""
+
+    draft_depth: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class SpeculativeUsage:
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+
+
+@dataclass(frozen=True)
 class RecurrenceUsage:
     mean_depth: float
     total_loops: int
+    speculative: SpeculativeUsage | None = None  # when the request decoded speculatively
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> RecurrenceUsage:
+        spec = body.get("speculative")
+        return cls(
+            body["mean_depth"],
+            body["total_loops"],
+            None if spec is None else SpeculativeUsage(**spec),
+        )
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,7 @@ class Usage:
             body["prompt_tokens"],
             body["completion_tokens"],
             body["total_tokens"],
-            RecurrenceUsage(**body["recurrence"]),
+            RecurrenceUsage.from_json(body["recurrence"]),
         )
 
 
@@ -154,13 +180,16 @@ class ModelCard:
 
 
 class CompletionParams(TypedDict, total=False):
-    """Keyword arguments of `complete` / `stream`. `depth` and `exit` are the looping fields
-    `recurrence_depth` / `recurrence_exit`; any other key is sent as it is (vLLM extras)."""
+    """Keyword arguments of `complete` / `stream`. `depth`, `exit`, `warm_start` and
+    `speculative` are the looping fields `recurrence_depth` / `recurrence_exit` /
+    `recurrence_warm_start` / `recurrence_speculative`; any other key is sent as it is (vLLM
+    extras)."""
 
     max_tokens: int
     depth: int
     exit: RecurrenceExit | Mapping[str, Any]
     warm_start: bool
+    speculative: Speculation | Mapping[str, Any] | bool
     temperature: float
     top_p: float
     top_k: int
@@ -185,6 +214,7 @@ RENAMED = {
     "depth": "recurrence_depth",
     "exit": "recurrence_exit",
     "warm_start": "recurrence_warm_start",
+    "speculative": "recurrence_speculative",
 }
 
 
@@ -194,7 +224,7 @@ def completion_body(prompt: Prompt, params: Mapping[str, Any], stream: bool) -> 
     for key, value in params.items():
         if value is not None:
             body[RENAMED.get(key, key)] = (
-                asdict(value) if isinstance(value, RecurrenceExit) else value
+                asdict(value) if isinstance(value, RecurrenceExit | Speculation) else value
             )
     if stream:  # the last chunk then carries usage, with the loops the request ran
         body.update(stream=True, stream_options={"include_usage": True})

@@ -161,7 +161,9 @@ class RecurrenceUsage(BaseModel):
     mean_depth: float
     total_loops: int
     speculative: SpeculativeUsage | None = Field(
-        default=None, description="present when the request decoded speculatively"
+        default=None,
+        description="present when the request decoded speculatively",
+        exclude_if=lambda value: value is None,  # clients that know only the two above keep working
     )
 
 

@@ -20,6 +20,8 @@ from parcae_serve.clients.client import (
     ParcaeAPIError,
     ParcaeClient,
     RecurrenceExit,
+    Speculation,
+    SpeculativeUsage,
 )
 
 PROMPT = "import os\n"
@@ -274,6 +276,25 @@ def test_stream_stops_at_done_and_raises_mid_stream_errors() -> None:
         with pytest.raises(ParcaeAPIError, match="engine failed") as err:
             list(client.stream("x"))
     assert err.value.type == "internal_error"
+
+
+def test_speculation_is_sent_and_its_usage_read() -> None:
+    spec_usage = {"draft_tokens": 8, "accepted_tokens": 6, "acceptance_rate": 0.75}
+    reply = json.loads(json.dumps(COMPLETION))
+    reply["usage"]["recurrence"]["speculative"] = spec_usage
+    seen: list[httpx.Request] = []
+    transport = mock_server([httpx.Response(200, json=reply)] * 2, seen)
+    with ParcaeClient("http://parcae.test", transport=transport) as client:
+        out = client.complete("x", depth=4, speculative=Speculation(1, 4))
+        plain = client.complete("x", speculative=False)
+    assert out.usage.recurrence.speculative == SpeculativeUsage(8, 6, 0.75)
+    assert json.loads(seen[0].content)["recurrence_speculative"] == {"draft_depth": 1, "tokens": 4}
+    assert json.loads(seen[1].content)["recurrence_speculative"] is False
+    assert plain.usage.recurrence.mean_depth == 4.0
+    assert cli.speculation("2:6") == Speculation(2, 6)
+    for bad in ("2", "a:b", "1:-2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.speculation(bad)
 
 
 def test_cli_exit_rule_syntax() -> None:
