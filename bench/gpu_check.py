@@ -10,6 +10,9 @@
 2. Serving: the server on 127.0.0.1 with the chosen `--compile` (default auto: CUDA graphs on
    CUDA), one greedy stream at T=8 (TTFT, TPOT, tok/s) and 32 concurrent streams of depths
    4/8/12 (aggregate tok/s).
+3. Speculation: the same server also serves self-speculative decoding (`--speculative 2:4`,
+   compiled at start-up): one greedy stream at T=8 with and without it (tok/s each) and whether
+   the two texts are equal.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +62,9 @@ def numerics(cfg: ParcaeConfig, device: str) -> dict:
 
 def serving(model_dir: Path, device: str, compile_mode: str, streams: int) -> dict:
     flags = ("--device", device, "--compile", compile_mode, "--compile-depths", "4,8,12",
-             "--max-batch", str(max(streams, 1)))  # fmt: skip
+             "--max-batch", str(max(streams, 1)), "--speculative", "2:4")  # fmt: skip
     with running_server(model_dir, *flags, timeout=1800) as server:
+        spec = speculation(server.url)
         asyncio.run(run_streams(server.url, [8], 4))  # warm-up
         singles = [asyncio.run(run_streams(server.url, [8], 64))[0][0] for _ in range(3)]
         depths = [(4, 8, 12)[i % 3] for i in range(streams)]
@@ -72,7 +77,25 @@ def serving(model_dir: Path, device: str, compile_mode: str, streams: int) -> di
         "streams": streams,
         "streams_tps": sum(r["tokens"] for r in results) / wall,
         "wall_s": time.perf_counter() - start,
+        **spec,
     }
+
+
+def speculation(url: str, tokens: int = 64) -> dict:
+    """One greedy stream at T=8 without and with speculation (the server's 2:4): tok/s, and
+    whether the texts are equal (they must be under the exact policy; lossy ones may differ)."""
+    out = {}
+    for name, spec in (("plain", False), ("speculative", None)):  # None: the server's default
+        body = {"prompt": "def f(x):", "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                "recurrence_depth": 8, "recurrence_speculative": spec}  # fmt: skip
+        httpx.post(f"{url}/v1/completions", json=body, timeout=600)  # warm-up
+        start = time.perf_counter()
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=600).json()
+        out[f"{name}_tps"] = tokens / (time.perf_counter() - start)
+        out[f"{name}_text"] = reply["choices"][0]["text"]
+        out[f"{name}_usage"] = reply["usage"]["recurrence"]
+    out["speculative_same_text"] = out["plain_text"] == out["speculative_text"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         ("one stream, T=8: tok/s", f"{srv['one_stream_tps']:.1f}"),
         ("one stream: TTFT / TPOT", f"{srv['ttft_ms']:.1f} ms / {srv['tpot_ms']:.2f} ms"),
         (f"{srv['streams']} streams, depths 4/8/12: tok/s", f"{srv['streams_tps']:.1f}"),
+        ("one stream, T=8, speculative 2:4 / plain: tok/s", f"{srv['speculative_tps']:.1f} / {srv['plain_tps']:.1f} (same text: {srv['speculative_same_text']}, acceptance {srv['speculative_usage']['speculative']['acceptance_rate']:.0%})"),
     ]  # fmt: skip
     print(f"command: `python bench/gpu_check.py {' '.join(argv or sys.argv[1:])}`")
     print("| check | value |\n|---|---|")
