@@ -8,13 +8,15 @@ threads as the server picks them, per-loop KV policy so that greedy output must 
 Streams are greedy continuations of held-out stdlib text (the model never saw it), at T = the
 model's mean recurrence:
 
-1. one stream: plain decoding and every (draft depth d, tokens k) of the sweep, interleaved
+1. greedy agreement of every draft depth with depth T on held-out text (teacher-forced);
+2. one stream: plain decoding and every (draft depth d, tokens k) of the sweep, interleaved
    (each round runs every configuration once per prompt, in a rotated order), tokens/s as the
    median over rounds, with the acceptance rate and whether the output equals plain decoding;
-2. under the lossy `first:2` KV policy (the built-in's `--kv-policy auto`): how often greedy
+3. under the lossy `first:2` KV policy (the built-in's `--kv-policy auto`): how often greedy
    output with the best configuration equals plain decoding's (20 prompts);
-3. 32 concurrent streams: speculation requested by every request vs not at all, with the
-   server's under-load switch (speculation only while <= 4 sequences run) and with it forced.
+4. 2, 4, 8 and 16 concurrent streams, speculation forced vs plain (where the under-load switch
+   belongs); 32 streams: speculation requested by every request vs not at all, with the
+   server's switch (`--speculative-max-batch`) and with it forced.
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ from parcae_serve.server.engine.sampling import SamplingParams  # noqa: E402
 from parcae_serve.server.engine.scheduler import SchedulerConfig  # noqa: E402
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, Speculation  # noqa: E402
 from tests.helpers import outputs_together  # noqa: E402
+
+
+def agreement_by_depth(model, tokenizer, depth: int) -> dict[int, float]:
+    """Teacher-forced on held-out text (24 windows of 256 tokens): how often depth d's argmax
+    is depth T's, for every d < T (the acceptance a greedy draft at depth d can expect)."""
+    data = torch.tensor(heldout_sequences(tokenizer, 40, 257)[16:])[:, :-1]
+    with torch.inference_mode():
+        argmax = {
+            d: model(data, d, torch.Generator().manual_seed(0)).argmax(-1)
+            for d in range(1, depth + 1)
+        }
+    return {d: (argmax[d] == argmax[depth]).float().mean().item() for d in range(1, depth)}
 
 
 def make_engine(model, depth: int, specs: list[Speculation], spec_max_batch: int) -> Engine:
@@ -112,9 +126,6 @@ def single_stream_sweep(engine, prompts, depth, tokens, configs, rounds) -> dict
             "k": spec.tokens if spec else None,
             "tps": statistics.median(per_round),
             "acceptance": sum(x["accepted"] for x in rs) / drafted if drafted else None,
-            "tokens_per_round": (
-                len(rs) * tokens / (drafted / spec.tokens) if spec and drafted else None
-            ),
             "same_as_plain": all(x["tokens"] == plain[i % len(prompts)] for i, x in enumerate(rs)),
         }
     base = out["plain"]["tps"]
@@ -123,10 +134,10 @@ def single_stream_sweep(engine, prompts, depth, tokens, configs, rounds) -> dict
     return out
 
 
-def many_streams(engine, prompts, depth, tokens, spec, rounds: int) -> float:
+def many_streams(engine, prompts, depth, tokens, spec, rounds: int, streams: int = 32) -> float:
     rates = []
     for _ in range(rounds):
-        reqs = [request(prompts[i % len(prompts)], depth, tokens, spec) for i in range(32)]
+        reqs = [request(prompts[i % len(prompts)], depth, tokens, spec) for i in range(streams)]
         start = time.perf_counter()
         outs = outputs_together(engine, reqs, timeout=600)
         elapsed = time.perf_counter() - start
@@ -139,16 +150,30 @@ def render(r: dict) -> str:
         f"CPU: {r['cpu']}; built-in model, T = {r['depth']}, greedy, {r['tokens']} new tokens "
         f"after {r['prompt_tokens']}-token held-out prompts x {r['prompts']}, {r['rounds']} rounds.",
         "",
-        "| configuration | tokens/s | vs plain | acceptance | tokens per verify | same output |",
-        "|---|---|---|---|---|---|",
+        "| configuration | tokens/s | vs plain | acceptance | same output |",
+        "|---|---|---|---|---|",
     ]
     for name, row in r["one_stream"].items():
         acc = "" if row["acceptance"] is None else f"{row['acceptance']:.1%}"
-        per = "" if row["tokens_per_round"] is None else f"{row['tokens_per_round']:.2f}"
         lines.append(
-            f"| {name} | {row['tps']:.0f} | {row['speedup']:.2f}x | {acc} | {per} | "
+            f"| {name} | {row['tps']:.0f} | {row['speedup']:.2f}x | {acc} | "
             f"{'yes' if row['same_as_plain'] else 'NO'} |"
         )
+    lines += ["", "| concurrent streams | plain tok/s | speculative (forced) tok/s | ratio |",
+              "|---|---|---|---|"]  # fmt: skip
+    for n, row in r["few"].items():
+        lines.append(
+            f"| {n} | {row['plain']:.0f} | {row['speculative']:.0f} | {row['ratio']:.2f}x |"
+        )
+    agree = r["agreement_by_depth"]
+    lines += [
+        "",
+        "| draft depth d | " + " | ".join(str(d) for d in agree) + " |",
+        "|---|" + "---|" * len(agree),
+        "| depth-d argmax = depth-T argmax (teacher-forced) | "
+        + " | ".join(f"{a:.1%}" for a in agree.values())
+        + " |",
+    ]
     lossy = r["lossy"]
     lines += [
         "",
@@ -162,7 +187,7 @@ def render(r: dict) -> str:
         "| 32 concurrent streams | tokens/s | vs plain |",
         "|---|---|---|",
         f"| plain | {m['plain']:.0f} | 1.00x |",
-        f"| speculation requested, server switch (<= 4 running) | {m['switch']:.0f} | "
+        f"| speculation requested, server switch (<= {r['switch']} running) | {m['switch']:.0f} | "
         f"{m['switch'] / m['plain']:.2f}x |",
         f"| speculation forced at every batch size | {m['forced']:.0f} | "
         f"{m['forced'] / m['plain']:.2f}x |",
@@ -190,8 +215,10 @@ def main() -> None:
         Speculation(int(d), int(k)) for d in args.drafts.split(",") for k in args.ks.split(",")
     ]
     configs = [("plain", None)] + [(f"d={s.draft_depth} k={s.tokens}", s) for s in specs]
+    agreement = agreement_by_depth(model, Tokenizer.from_dir(model_dir), depth)
     started = time.monotonic()
-    engine = make_engine(model, depth, specs, spec_max_batch=4)
+    switch = SchedulerConfig().speculative_max_batch  # the server's default
+    engine = make_engine(model, depth, specs, spec_max_batch=switch)
     print(f"compiled in {time.monotonic() - started:.0f} s", flush=True)
     one = single_stream_sweep(engine, prompts, depth, args.tokens, configs, args.rounds)
     best = max((row for row in one.values() if row["k"]), key=lambda row: row["tps"])
@@ -206,6 +233,11 @@ def main() -> None:
     }
     engine.scheduler.config.speculative_max_batch = 64
     many["forced"] = many_streams(engine, prompts, depth, 48, best_spec, args.many_rounds)
+    few = {}  # where the switch belongs: speculation forced vs plain at a few streams
+    for n in (2, 4, 8, 16):
+        plain = many_streams(engine, prompts, depth, 48, None, args.many_rounds, n)
+        fast = many_streams(engine, prompts, depth, 48, best_spec, args.many_rounds, n)
+        few[n] = {"plain": plain, "speculative": fast, "ratio": fast / plain}
     engine.stop()
     result = {
         "cpu": cpu_name(),
@@ -218,7 +250,10 @@ def main() -> None:
         "one_stream": one,
         "best": best,
         "many": many,
+        "few": few,
+        "agreement_by_depth": agreement,
         "lossy": lossy,
+        "switch": switch,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

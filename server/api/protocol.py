@@ -52,7 +52,7 @@ class SpeculativeSpec(BaseModel):
     draft_depth: int = Field(
         ge=1, description="loops of the draft (below the request's recurrence depth)"
     )
-    tokens: int = Field(ge=1, le=16, description="tokens drafted per verify pass")
+    tokens: int = Field(ge=2, le=16, description="tokens drafted per verify pass")
 
 
 class StreamOptions(BaseModel):

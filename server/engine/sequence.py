@@ -40,8 +40,8 @@ class Speculation:
         if text == "off":
             return None
         d, _, k = text.partition(":")
-        if not (d.isdigit() and k.isdigit() and int(d) >= 1 and int(k) >= 1):
-            raise ValueError(f"invalid speculation {text!r}: use off or D:K (D, K >= 1)")
+        if not (d.isdigit() and k.isdigit() and int(d) >= 1 and 2 <= int(k) <= 16):
+            raise ValueError(f"invalid speculation {text!r}: use off or D:K (D >= 1, 2 <= K <= 16)")
         return cls(int(d), int(k))
 
 

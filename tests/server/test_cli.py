@@ -20,8 +20,10 @@ def test_help_documents_every_contract_flag() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--device", "gpu"], ["--max-depth", "0"], ["--kv-policy", "shared:0"]]
-)
+    "argv",
+    [["--device", "gpu"], ["--max-depth", "0"], ["--kv-policy", "shared:0"],
+     ["--speculative", "1:1"], ["--speculative", "0:4"], ["--speculative", "on"]],
+)  # fmt: skip
 def test_bad_flags_exit_with_usage_error(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
