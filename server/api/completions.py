@@ -261,14 +261,15 @@ class CompletionService:
     def _speculation(
         self, req: CompletionRequest, depth: int, rule: RecurrenceExit | None
     ) -> Speculation | None:
-        """The request's speculation, checked; absent, the server's where it applies (a fixed
-        depth deeper than the draft, no warm start)."""
+        """The request's speculation, checked; absent, the server's where it applies: greedy
+        (a sampled draft costs a decode call per token: measured 0.83x), a fixed depth deeper
+        than the draft, no warm start."""
         spec = req.recurrence_speculative
         if spec is False:
             return None
         if spec is None:
             default = self.limits.speculative
-            fits = default is not None and default.draft_depth < depth
+            fits = default is not None and default.draft_depth < depth and req.temperature < 1e-5
             return default if fits and rule is None and not req.recurrence_warm_start else None
         param = "recurrence_speculative"
         if spec.draft_depth >= depth:

@@ -107,14 +107,15 @@ class ServerSettings(BaseSettings):
     )
     speculative: str = Field(
         "off",
-        description="default self-speculative decoding, D:K (draft at D loops, K tokens per "
-        "verify pass; requests override it with recurrence_speculative) or off",
+        description="default self-speculative decoding of greedy requests, D:K (draft at D "
+        "loops, K tokens per verify pass; requests override it with recurrence_speculative) "
+        "or off",
     )
     speculative_max_batch: int = Field(
-        4,
+        1,
         ge=0,
-        description="speculate only while at most this many sequences run (under "
-        "load, batching already fills the machine)",
+        description="speculate only while at most this many sequences run (measured on 2 CPU "
+        "cores: one stream gains, two already lose; batching fills the machine)",
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")

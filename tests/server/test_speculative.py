@@ -256,13 +256,18 @@ def test_http_bad_speculation_is_a_400(spec_server, fields: dict, param: str | N
 
 
 def test_http_server_default_steps_aside_where_it_cannot_apply(spec_server) -> None:
-    """--speculative 1:3 does not touch depth-1 requests, exit rules or warm starts."""
+    """--speculative 1:3 does not touch depth-1 requests, exit rules, warm starts or sampling
+    (an explicit recurrence_speculative still samples speculatively)."""
     url = spec_server.url
     for fields in (
         {"recurrence_depth": 1},
+        {"recurrence_depth": 4, "temperature": 0.7, "seed": 3},
         {"recurrence_depth": 4, "recurrence_exit": {"criterion": "residual", "threshold": 0.1}},
         {"recurrence_depth": 4, "recurrence_warm_start": True},
     ):
         r = complete(url, **fields)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["recurrence"].get("speculative") is None
+    sampled = complete(url, recurrence_depth=4, temperature=0.7, seed=3,
+                       recurrence_speculative={"draft_depth": 1, "tokens": 3})  # fmt: skip
+    assert sampled.json()["usage"]["recurrence"]["speculative"]["draft_tokens"] > 0
