@@ -161,6 +161,9 @@ class CompletionService:
         self._check_fields(req)
         given = set(req.model_fields_set)  # what the client set, before its model name applies
         self._apply_model_name(req)
+        if req.recurrence_exit is not None and req.recurrence_speculative:
+            raise APIError(400, "speculative decoding verifies at a fixed depth: it does not "
+                           "combine with recurrence_exit", param="recurrence_speculative")  # fmt: skip
         if req.recurrence_exit is not None and req.recurrence_exit.criterion == "auto":
             self._choose_from_frontier(req, "recurrence_depth" in given)
         depth = req.recurrence_depth or self.limits.default_depth
@@ -177,7 +180,8 @@ class CompletionService:
                 raise APIError(400, "this model has no learned exit probe (write one with "
                                "`parcae calibrate`)", param="recurrence_exit.criterion")  # fmt: skip
             rule = RecurrenceExit(spec.criterion, spec.threshold, spec.min_depth)
-        policy, speculation = self._policy(req, depth), self._speculation(req, depth, rule)
+        policy = self._policy(req, depth)
+        speculation = self._speculation(req, depth, rule, policy)
         loops = LoopParams(depth, rule, req.recurrence_warm_start, policy, speculation)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOPS:
@@ -259,26 +263,33 @@ class CompletionService:
                            code="unsupported_parameter")  # fmt: skip
 
     def _speculation(
-        self, req: CompletionRequest, depth: int, rule: RecurrenceExit | None
+        self,
+        req: CompletionRequest,
+        depth: int,
+        rule: RecurrenceExit | None,
+        policy: LoopSlotPolicy | None,
     ) -> Speculation | None:
         """The request's speculation, checked; absent, the server's where it applies: greedy
-        (a sampled draft costs a decode call per token: measured 0.83x), a fixed depth deeper
-        than the draft, no warm start."""
+        (a sampled draft costs a decode call per token: measured 0.83x), an exact KV layout
+        (under a lossy one the verify chunk changes the output), a fixed depth deeper than the
+        draft, no warm start."""
         spec = req.recurrence_speculative
         if spec is False:
             return None
         if spec is None:
             default = self.limits.speculative
             fits = default is not None and default.draft_depth < depth and req.temperature < 1e-5
-            return default if fits and rule is None and not req.recurrence_warm_start else None
+            exact = (policy or self.engine.cache.policy).exact_at(depth)  # else output changes
+            return (
+                default
+                if fits and exact and rule is None and not req.recurrence_warm_start
+                else None
+            )
         param = "recurrence_speculative"
         if spec.draft_depth >= depth:
             raise APIError(400, f"recurrence_speculative.draft_depth ({spec.draft_depth}) must "
                            f"be below the recurrence depth ({depth})",
                            param=f"{param}.draft_depth")  # fmt: skip
-        if rule is not None:
-            raise APIError(400, "speculative decoding verifies at a fixed depth: it does not "
-                           "combine with recurrence_exit", param=param)  # fmt: skip
         if req.recurrence_warm_start:
             raise APIError(400, "speculative decoding does not combine with "
                            "recurrence_warm_start", param=param)  # fmt: skip

@@ -162,7 +162,8 @@ class RecurrenceUsage(BaseModel):
     total_loops: int
     speculative: SpeculativeUsage | None = Field(
         default=None,
-        description="present when the request decoded speculatively",
+        description="present when the request asked for speculative decoding (0 drafts: no "
+        "round ran, e.g. greedy under load or too few tokens left)",
         exclude_if=lambda value: value is None,  # clients that know only the two above keep working
     )
 

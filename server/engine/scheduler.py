@@ -107,10 +107,16 @@ class Scheduler:
 
     def _drafts(self, seq: Sequence) -> int:
         """How many tokens a decode step of `seq` drafts: 0 (plain decoding) without speculation,
-        under load (batching already fills the machine), with fewer than 2 tokens left to
-        generate, or when the cache has no free room for the drafts (never preempts for them)."""
+        for a greedy row under load (batching already fills the machine), with fewer than 2
+        tokens left to generate, or when the cache has no free room for the drafts (never
+        preempts for them)."""
         spec = seq.request.loops.speculative
-        if spec is None or len(self.running) > self.config.speculative_max_batch:
+        if spec is None:
+            return 0
+        # greedy output is the same either way; a sampled one is not (the random draws are
+        # spent differently), so a seeded request keeps speculating whatever else runs
+        sampled = not seq.request.sampling.greedy
+        if len(self.running) > self.config.speculative_max_batch and not sampled:
             return 0
         left = min(
             seq.request.sampling.max_tokens - len(seq.output),

@@ -79,15 +79,15 @@ class Speculator:
         `tokens`, `computed` advanced past the positions the emitted tokens follow, and its
         table trimmed; the caller appends the proposed tokens."""
         drafts = [_Draft(s, k, s.computed, s.output, [], []) for s, k in zip(seqs, ks, strict=True)]
-        fused: dict[tuple[int, int], list[_Draft]] = {}
+        fused: dict[tuple, list[_Draft]] = {}
         stepwise = []
         for d in drafts:
             depth = d.seq.request.loops.speculative.draft_depth
             if self.runner.spec_graphs.can_draft(depth, d.k) and self._greedy(d):
-                fused.setdefault((depth, d.k), []).append(d)
+                fused.setdefault((depth, d.k, *_layout(d.seq, depth)), []).append(d)
             else:
                 stepwise.append(d)
-        for (depth, _), members in fused.items():
+        for (depth, *_), members in fused.items():
             self._draft_fused(members, depth)
         for j in range(max((d.k for d in stepwise), default=0)):
             self._draft_step([d for d in stepwise if j < d.k], j)
@@ -115,10 +115,11 @@ class Speculator:
     def _draft_step(self, drafts: list[_Draft], j: int) -> None:
         """One draft token for each sequence, through the decode graphs of the draft depth."""
         runner, device = self.runner, self.runner.device
-        by_depth: dict[int, list[_Draft]] = {}
+        by_depth: dict[tuple, list[_Draft]] = {}
         for d in drafts:
-            by_depth.setdefault(d.seq.request.loops.speculative.draft_depth, []).append(d)
-        for depth, members in by_depth.items():
+            depth = d.seq.request.loops.speculative.draft_depth
+            by_depth.setdefault((depth, *_layout(d.seq, depth)), []).append(d)
+        for (depth, *_), members in by_depth.items():
             groups = []
             for d in members:
                 pos = d.start + j
@@ -198,6 +199,13 @@ class Speculator:
             if replacement is not None:
                 return i, replacement
         return len(drafted), None
+
+
+def _layout(seq: Sequence, loops: int) -> tuple[int, tuple[int, ...]]:
+    """What rows batched into one draft call must share: their tables' slot count (the pool
+    index tensors' first dimension) and the slots of the draft loops. Sequences of different
+    depths draft at the same depth, but their tables differ."""
+    return seq.table.num_slots, tuple(seq.table.slot(t) for t in range(loops))
 
 
 def rejection_step(p: Tensor, q: Tensor, x: int, generator: torch.Generator) -> int | None:

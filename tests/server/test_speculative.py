@@ -193,6 +193,43 @@ def test_concurrent_requests_speculate_exactly_or_decode_plainly(max_batch: int)
         engine.stop()
 
 
+@pytest.mark.parametrize("compile_mode", ["off", "eager"])
+def test_different_depths_draft_together(compile_mode: str) -> None:
+    """Requests of depths 4 and 6 with the same draft depth share a draft call (stepwise, or
+    fused once warmed) though their tables hold different slot counts; output is plain's."""
+    engine = make_engine(NOISY, compile=compile_mode)
+    try:
+        spec = Speculation(1, 3)
+        engine.compile_decode([4, 6], spec)
+        engine.scheduler.config.speculative_max_batch = 64
+        prompts = random_prompts(4, seed=7)
+        reqs = [greedy(4 + 2 * (i % 2), 10, p, speculative=spec) for i, p in enumerate(prompts)]
+        outs = outputs_together(engine, reqs)
+        plain = [tokens(engine.generate_sync(greedy(4 + 2 * (i % 2), 10, p)))
+                 for i, p in enumerate(prompts)]  # fmt: skip
+        assert [tokens(o) for o in outs] == plain
+        assert all(o[-1].error is None for o in outs)
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_repeats_whatever_else_runs() -> None:
+    """The under-load switch leaves sampled rows speculating: a seeded request gives the same
+    tokens alone and next to another sequence."""
+    engine = make_engine(NOISY)
+    try:
+        params = SamplingParams(max_tokens=16, temperature=0.8, seed=11, ignore_eos=True)
+        request = EngineRequest(
+            [3, 1, 4, 1, 5], params, LoopParams(4, speculative=Speculation(2, 3))
+        )
+        alone = tokens(engine.generate_sync(request))
+        busy = outputs_together(engine, [request, greedy(3, 40, [9, 9])])
+        assert tokens(busy[0]) == alone
+        assert busy[0][-1].draft_tokens > 0
+    finally:
+        engine.stop()
+
+
 # Over HTTP --------------------------------------------------------------------------------------
 def complete(url: str, **body) -> httpx.Response:
     body = {"prompt": "def f(x):", "max_tokens": 12, "temperature": 0, **body}
@@ -243,6 +280,9 @@ def test_http_speculation_reports_usage_and_metrics(spec_server) -> None:
          "recurrence_speculative"),
         ({"recurrence_depth": 4, "recurrence_speculative": {"draft_depth": 1, "tokens": 2},
           "recurrence_warm_start": True}, "recurrence_speculative"),
+        ({"recurrence_speculative": {"draft_depth": 1, "tokens": 2},
+          "recurrence_exit": {"criterion": "auto", "max_nll_cost": 0.01}},
+         "recurrence_speculative"),
     ],
 )  # fmt: skip
 def test_http_bad_speculation_is_a_400(spec_server, fields: dict, param: str | None) -> None:
@@ -256,12 +296,13 @@ def test_http_bad_speculation_is_a_400(spec_server, fields: dict, param: str | N
 
 
 def test_http_server_default_steps_aside_where_it_cannot_apply(spec_server) -> None:
-    """--speculative 1:3 does not touch depth-1 requests, exit rules, warm starts or sampling
-    (an explicit recurrence_speculative still samples speculatively)."""
+    """--speculative 1:3 does not touch depth-1 requests, exit rules, warm starts, sampling or
+    a lossy KV layout (an explicit recurrence_speculative still samples speculatively)."""
     url = spec_server.url
     for fields in (
         {"recurrence_depth": 1},
         {"recurrence_depth": 4, "temperature": 0.7, "seed": 3},
+        {"recurrence_depth": 4, "kv_policy": "shared:1"},  # lossy: the output would change
         {"recurrence_depth": 4, "recurrence_exit": {"criterion": "residual", "threshold": 0.1}},
         {"recurrence_depth": 4, "recurrence_warm_start": True},
     ):
