@@ -95,7 +95,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(p for p in loc if p.isidentifier() and p not in UNION_TAGS) or None
+        # union members appear in the location as their type (str, SpeculativeSpec): not fields
+        param = ".".join(p for p in loc if p.isidentifier() and p not in UNION_TAGS
+                         and not p[0].isupper()) or None  # fmt: skip
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             message, param = f"invalid JSON body: {first.get('ctx', {}).get('error', '')}", None

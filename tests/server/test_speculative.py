@@ -269,7 +269,8 @@ def test_http_speculation_reports_usage_and_metrics(spec_server) -> None:
     [
         ({"recurrence_depth": 3, "recurrence_speculative": {"draft_depth": 3, "tokens": 2}},
          "recurrence_speculative.draft_depth"),
-        ({"recurrence_speculative": {"draft_depth": 0, "tokens": 2}}, None),
+        ({"recurrence_speculative": {"draft_depth": 0, "tokens": 2}},
+         "recurrence_speculative.draft_depth"),
         ({"recurrence_speculative": {"draft_depth": 1, "tokens": 1}}, None),
         ({"recurrence_speculative": {"draft_depth": 1, "tokens": 17}}, None),
         ({"recurrence_speculative": {"draft_depth": 1}}, None),
