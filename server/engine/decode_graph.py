@@ -20,6 +20,7 @@ not compiled) take the eager runner.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,16 +124,29 @@ def decode_forward(
     for t in range(depth):
         h = model.core(h, prepared, batch.ids, rots, ctx, t)
     logits = model.coda(h, batch.ids, rots, ctx)[:, 0]
-    outer = [ctx.new[k] for k in ctx.new if k[0] != "core_block"]
+
+    def token_kv(key: tuple) -> tuple[Tensor, Tensor]:  # (B, Hkv, 1, hd) -> (B, Hkv, hd)
+        k, v = ctx.new[key]
+        return k[:, :, 0], v[:, :, 0]
+
+    kv = stacked_kv(model, list(ctx.new), token_kv, range(depth))
+    return DecodeResult(logits, h[:, 0], *kv)
+
+
+def stacked_kv(
+    model: Parcae, keys: list[tuple], kv_of: Callable[[tuple], tuple[Tensor, Tensor]], loops: range
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A graph call's new K/V as `write_kv` takes them: outer K and V (P+C, N, Hkv, hd), the
+    outer layers in call order (`keys`: the attention keys the call recorded), and recurrent K
+    and V (len(loops), R, N, Hkv_rec, hd_rec); `kv_of(key)` gives one layer's (N, Hkv, hd)."""
+    outer = [kv_of(k) for k in keys if k[0] != "core_block"]
     R = model.cfg.n_layers_in_recurrent_block
-    rec = [[ctx.new[("core_block", i, t)] for i in range(R)] for t in range(depth)]
-    return DecodeResult(
-        logits,
-        h[:, 0],
-        torch.stack([k[:, :, 0] for k, _ in outer]),
-        torch.stack([v[:, :, 0] for _, v in outer]),
-        torch.stack([torch.stack([k[:, :, 0] for k, _ in loop]) for loop in rec]),
-        torch.stack([torch.stack([v[:, :, 0] for _, v in loop]) for loop in rec]),
+    rec = [[kv_of(("core_block", i, t)) for i in range(R)] for t in loops]
+    return (
+        torch.stack([k for k, _ in outer]),
+        torch.stack([v for _, v in outer]),
+        torch.stack([torch.stack([k for k, _ in loop]) for loop in rec]),
+        torch.stack([torch.stack([v for _, v in loop]) for loop in rec]),
     )
 
 
@@ -192,10 +206,14 @@ def write_kv(
     rec_v.index_copy_(0, idx, out.rec_v.index_select(0, key.last_loops).reshape(len(idx), -1))
 
 
+def pools_of(cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four pools a graph reads: outer K, outer V, recurrent K, recurrent V."""
+    return cache.outer_k, cache.outer_v, cache.rec_k, cache.rec_v
+
+
 def flat_views(cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The four pools (layers, rows, heads, hd) as (layers * rows, heads * hd) views."""
-    pools = (cache.outer_k, cache.outer_v, cache.rec_k, cache.rec_v)
-    return tuple(p.view(-1, p.shape[-2] * p.shape[-1]) for p in pools)
+    return tuple(p.view(-1, p.shape[-2] * p.shape[-1]) for p in pools_of(cache))
 
 
 DecodeKey = tuple[int, tuple[int, ...]]  # (depth, loop -> slot): rows batched together
@@ -239,14 +257,13 @@ class CompiledDecoder:
 
     @property
     def pools(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        c = self.cache
-        return c.outer_k, c.outer_v, c.rec_k, c.rec_v
+        return pools_of(self.cache)
 
     def __call__(self, depth: int, batch: DecodeBatch) -> DecodeResult:
         B, L = batch.outer_rows.shape
-        # a compiler specialises size 1: slots are padded to 2; rows are padded only to CUDA
-        # graph buckets (a batch of one has its own graph, see decode_forward_single)
-        S = max(len(batch.rec_rows), 2)
+        # rows are padded only to CUDA graph buckets (a batch of one has its own graph, see
+        # decode_forward_single)
+        S = padded_slots(batch)
         if self.mode == "cudagraphs":
             padded = pad_batch(batch, bucket(B, BATCH_BUCKETS), bucket(L), S)
         else:
@@ -264,26 +281,35 @@ class CompiledDecoder:
         """Compile `depth` by running it on dummy rows."""
         with torch.inference_mode():  # as when serving: inference tensors guard differently
             if not self.ready:  # derived weights (fused QKV, decay) built once, outside graphs
-                decode_forward(self.model, depth, self._dummy(depth, 2), self.pools)
+                dummy = dummy_batch(self.cache, self.model.cfg.d_rec, depth, 2)
+                decode_forward(self.model, depth, dummy, self.pools)
                 if self.mode == "cudagraphs":
                     for weight in derived_weights(self.model):
                         torch._dynamo.mark_static_address(weight)
             for rows in (1, 2):  # one stream has a graph of its own (see decode_forward_single)
-                self(depth, self._dummy(depth, rows))
+                self(depth, dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows))
         self.ready.add(depth)
 
-    def _dummy(self, depth: int, B: int) -> DecodeBatch:
-        """B rows that attend to nothing (every past position masked)."""
-        device, dtype = self.cache.outer_k.device, self.cache.outer_k.dtype
-        L = self.cache.block_size
 
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(*shape, dtype=torch.long, device=device)
+def padded_slots(batch: DecodeBatch) -> int:
+    """Slots a graph call gets: a compiler specialises size 1, so one slot is padded to 2."""
+    return max(len(batch.rec_rows), 2)
 
-        h0 = torch.zeros(B, 1, self.model.cfg.d_rec, dtype=dtype, device=device)
-        return DecodeBatch(
-            zeros(B, 1), zeros(B, 1), h0, zeros(B), zeros(B, L), zeros(2, B, L), zeros(depth)
-        )
+
+def dummy_batch(
+    cache: KVCache, d_rec: int, depth: int, B: int, ids: int = 1, positions: int = 1
+) -> DecodeBatch:
+    """B rows of `ids` tokens at `positions` positions that attend to nothing in the pools
+    (every past position masked): what warm-up compiles on."""
+    device, dtype = cache.outer_k.device, cache.outer_k.dtype
+    L = cache.block_size
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(*shape, dtype=torch.long, device=device)
+
+    h0 = torch.zeros(B, positions, d_rec, dtype=dtype, device=device)
+    return DecodeBatch(zeros(B, ids), zeros(B, positions), h0, zeros(B), zeros(B, L),
+                       zeros(2, B, L), zeros(depth))  # fmt: skip
 
 
 def keep_model_identity_guards(entries: list) -> list[bool]:

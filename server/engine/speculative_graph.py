@@ -31,7 +31,11 @@ from parcae_serve.server.engine.decode_graph import (
     DecodeBatch,
     DecodeResult,
     PoolReadAttention,
+    dummy_batch,
     pad_batch,
+    padded_slots,
+    pools_of,
+    stacked_kv,
 )
 from parcae_serve.server.engine.kv_cache import KVCache
 
@@ -104,17 +108,8 @@ def draft_forward(
         ids = model.coda(h, ids, rots, ctx)[:, 0].argmax(-1, keepdim=True)
         drafts.append(ids)
         states.append(h)
-    outer = [ctx.new_kv(k) for k in ctx.steps if k[0] != "core_block"]
-    R = model.cfg.n_layers_in_recurrent_block
-    rec = [[ctx.new_kv(("core_block", i, t)) for i in range(R)] for t in range(depth)]
-    return DraftResult(
-        torch.cat(drafts, 1),
-        torch.cat(states, 1).flatten(0, 1),
-        torch.stack([k for k, _ in outer]),
-        torch.stack([v for _, v in outer]),
-        torch.stack([torch.stack([k for k, _ in loop]) for loop in rec]),
-        torch.stack([torch.stack([v for _, v in loop]) for loop in rec]),
-    )
+    kv = stacked_kv(model, list(ctx.steps), ctx.new_kv, range(depth))
+    return DraftResult(torch.cat(drafts, 1), torch.cat(states, 1).flatten(0, 1), *kv)
 
 
 def draft_forward_single(
@@ -169,17 +164,12 @@ def verify_forward(
         h = model.core(h, prepared, batch.ids, rots, ctx, t)
     logits = model.coda(h, batch.ids, rots, ctx)
 
-    outer = [ctx.new[k] for k in ctx.new if k[0] != "core_block"]
-    R = model.cfg.n_layers_in_recurrent_block
-    rec = [[ctx.new[("core_block", i, t)] for i in range(R)] for t in range(start, depth)]
-    return DecodeResult(
-        logits.flatten(0, 1),
-        h.flatten(0, 1),
-        torch.stack([_flat_tokens(k) for k, _ in outer]),
-        torch.stack([_flat_tokens(v) for _, v in outer]),
-        torch.stack([torch.stack([_flat_tokens(k) for k, _ in loop]) for loop in rec]),
-        torch.stack([torch.stack([_flat_tokens(v) for _, v in loop]) for loop in rec]),
-    )
+    def chunk_kv(key: tuple) -> tuple[Tensor, Tensor]:
+        k, v = ctx.new[key]
+        return _flat_tokens(k), _flat_tokens(v)
+
+    kv = stacked_kv(model, list(ctx.new), chunk_kv, range(start, depth))
+    return DecodeResult(logits.flatten(0, 1), h.flatten(0, 1), *kv)
 
 
 def verify_forward_single(
@@ -220,8 +210,7 @@ class SpeculativeGraphs:
 
     @property
     def pools(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        c = self.cache
-        return c.outer_k, c.outer_v, c.rec_k, c.rec_v
+        return pools_of(self.cache)
 
     def verify(self, depth: int, start: int, batch: DecodeBatch) -> DecodeResult:
         if (depth, start) not in self.verify_ready:
@@ -241,7 +230,7 @@ class SpeculativeGraphs:
     @staticmethod
     def _padded(batch: DecodeBatch) -> DecodeBatch:
         B, L = batch.outer_rows.shape
-        return pad_batch(batch, B, L, max(len(batch.rec_rows), 2))  # see CompiledDecoder
+        return pad_batch(batch, B, L, padded_slots(batch))
 
     def warm(self, depth: int, draft_depth: int, k: int) -> None:
         """Compile the verify graph of (depth, draft_depth) and the draft graph of
@@ -250,21 +239,14 @@ class SpeculativeGraphs:
             return
         with torch.inference_mode():
             # an eager call first builds the derived weights outside the graph (`frozen`)
-            verify_forward(self.model, depth, draft_depth, self._dummy(2, k, k, depth), self.pools)
+            d_rec = self.model.cfg.d_rec
+
+            def chunk(B: int) -> DecodeBatch:
+                return dummy_batch(self.cache, d_rec, depth, B, ids=k, positions=k)
+
+            verify_forward(self.model, depth, draft_depth, chunk(2), self.pools)
             self.verify_ready.add((depth, draft_depth))
             self.draft_ready.add((draft_depth, k))
             for B in (1, 2):
-                self.verify(depth, draft_depth, self._dummy(B, k, k, depth))
-                self.draft(draft_depth, self._dummy(B, 1, k, draft_depth))
-
-    def _dummy(self, B: int, n_ids: int, k: int, depth: int) -> DecodeBatch:
-        """B rows that attend to nothing in the pools."""
-        device, dtype = self.cache.outer_k.device, self.cache.outer_k.dtype
-        L, d = self.cache.block_size, self.model.cfg.d_rec
-
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(*shape, dtype=torch.long, device=device)
-
-        h0 = torch.zeros(B, k, d, dtype=dtype, device=device)
-        return DecodeBatch(zeros(B, n_ids), zeros(B, k), h0, zeros(B), zeros(B, L),
-                           zeros(2, B, L), zeros(depth))  # fmt: skip
+                self.verify(depth, draft_depth, chunk(B))
+                self.draft(draft_depth, dummy_batch(self.cache, d_rec, draft_depth, B, positions=k))
