@@ -8,7 +8,9 @@ T = 1 .. 2*mu, and each exit rule (kl, residual, learned: the checkpoint's probe
 thresholds with cap 2*mu. Each point: NLL, tokens/s, mean loops. Plus the oracle exit (per token
 the smallest depth within eps of its loss at the cap, from the fixed-depth runs' per-token
 losses: no rule can beat it, it sees the future), at the throughput fixed depths reach at its
-mean loop count; and the exit overhead
+mean loop count; the oracle that reaches the best fixed depth's NLL in the fewest mean loops
+(per-token depths priced per loop, `oracle_at_nll`): how much speed there is to win at equal
+quality; and the exit overhead
 per loop (a rule that never fires, against fixed T = cap). Windows skip the first 64 held-out
 ones, which `parcae calibrate` evaluates on and trains the probe on.
 
@@ -34,11 +36,17 @@ from parcae_serve.model.tokenizer import Tokenizer  # noqa: E402
 from parcae_serve.server.api.frontier import pareto  # noqa: E402
 from parcae_serve.server.calibration.calibrate import THRESHOLDS, heldout_sequences  # noqa: E402
 from parcae_serve.server.calibration.evaluation import teacher_forced_nll  # noqa: E402
-from parcae_serve.server.calibration.learned_exit import oracle  # noqa: E402
+from parcae_serve.server.calibration.learned_exit import (  # noqa: E402
+    distribution_oracle,
+    oracle,
+    oracle_at_nll,
+    trace_loops,
+)
 from parcae_serve.server.engine.sequence import RecurrenceExit  # noqa: E402
 
 SKIP_WINDOWS = 64  # calibrate's evaluation windows (16) and the probe's training windows (48)
 ORACLE_EPSILONS = (0.001, 0.01, 0.03)
+KL_EPSILONS = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)  # distribution oracle
 NEVER = {"residual": 0.0, "learned": 1 - 1e-9}  # thresholds at which a rule never exits (but
 # still runs its test: the probe skips itself at exactly 1)
 
@@ -64,16 +72,11 @@ def measure(model, data, probe, mu: int, log) -> dict:
         q = quality.summary()
         fixed.append({"kind": "fixed", "depth": depth, **q})
         log(f"fixed T={depth:2d}: nll {q['nll']:.4f} {q['tokens_per_s']:.0f} tok/s")
-    rules = []
-    for criterion, thresholds in THRESHOLDS.items():
-        if criterion == "learned" and probe is None:
-            continue
-        for threshold in thresholds:
-            rule = RecurrenceExit(criterion, threshold)
-            q = teacher_forced_nll(model, data, cap, exit=rule, exit_probe=probe).summary()
-            rules.append({"kind": criterion, "threshold": threshold, "depth": cap, **q})
-            log(f"{criterion} {threshold:g}: nll {q['nll']:.4f} loops {q['mean_depth']:.2f} "
-                f"{q['tokens_per_s']:.0f} tok/s")  # fmt: skip
+    best = min(fixed, key=lambda p: p["nll"])
+    rules = run_rules(model, data, probe, cap, THRESHOLDS, log)
+    if best["depth"] < cap:  # the same rules capped at the best depth: exits only save loops
+        cheap = {k: v for k, v in THRESHOLDS.items() if k != "kl"}  # kl pays a coda a loop
+        rules += run_rules(model, data, probe, best["depth"], cheap, log)
     by_loops = sorted(fixed, key=lambda p: p["mean_depth"])
     loops_axis = [p["mean_depth"] for p in by_loops]
     speed_axis = [p["tokens_per_s"] for p in by_loops]
@@ -84,8 +87,38 @@ def measure(model, data, probe, mu: int, log) -> dict:
         oracles.append(o)
         log(f"oracle eps {eps}: loops {o['mean_depth']:.2f} nll {o['nll']:.4f} "
             f"(at the cap {o['nll_at_cap']:.4f})")  # fmt: skip
-    return {"fixed": fixed, "rules": rules, "oracle": oracles,
+    budgeted = oracle_at_nll(torch.tensor(per_token), best["nll"])
+    if budgeted["mean_depth"] is not None:
+        budgeted["tokens_per_s"] = interpolate(budgeted["mean_depth"], loops_axis, speed_axis)
+        log(f"oracle at T={best['depth']}'s nll: loops {budgeted['mean_depth']:.2f} "
+            f"≈ {budgeted['tokens_per_s']:.0f} tok/s")  # fmt: skip
+    trace = trace_loops(model, data, best["depth"])
+    blind = []
+    for eps in KL_EPSILONS:
+        o = distribution_oracle(trace, eps)
+        o["tokens_per_s"] = interpolate(o["mean_depth"], loops_axis, speed_axis)
+        blind.append(o)
+        log(f"distribution oracle (cap {best['depth']}) eps {eps}: loops {o['mean_depth']:.2f} "
+            f"nll {o['nll']:.4f}")  # fmt: skip
+    return {"fixed": fixed, "rules": rules, "oracle": oracles, "oracle_at_best_fixed": budgeted,
+            "distribution_oracle": blind,
             "overhead": exit_overhead(model, data, probe, cap, fixed[-1], log)}  # fmt: skip
+
+
+def run_rules(model, data, probe, cap: int, thresholds: dict, log) -> list[dict]:
+    """Every rule and threshold of `thresholds` at cap `cap` (the learned rule only with a
+    probe)."""
+    rows = []
+    for criterion, values in thresholds.items():
+        if criterion == "learned" and probe is None:
+            continue
+        for threshold in values:
+            rule = RecurrenceExit(criterion, threshold)
+            q = teacher_forced_nll(model, data, cap, exit=rule, exit_probe=probe).summary()
+            rows.append({"kind": criterion, "threshold": threshold, "depth": cap, **q})
+            log(f"{criterion} {threshold:g} cap {cap}: nll {q['nll']:.4f} "
+                f"loops {q['mean_depth']:.2f} {q['tokens_per_s']:.0f} tok/s")  # fmt: skip
+    return rows
 
 
 def exit_overhead(model, data, probe, cap: int, fixed_cap: dict, log, repeats: int = 3) -> dict:
@@ -107,36 +140,61 @@ def exit_overhead(model, data, probe, cap: int, fixed_cap: dict, log, repeats: i
 
 
 def verdict(result: dict) -> dict:
-    """The best fixed depth (lowest NLL) and, per rule, the fastest point at least as good, with
-    its speed ratio; the rules' best speed at the NLL of each fixed depth."""
+    """The best fixed depth (lowest NLL); per rule, the fastest point at least as good (any cap)
+    and its speed ratio; the oracles' ratios at that NLL; and the issue's bar: a rule at >= 1.3x
+    the best fixed depth, or, where the label-blind oracle itself wins less than 1.3x, a rule
+    within 10% of the oracle's speed."""
     best = min(result["fixed"], key=lambda p: p["nll"])
+    speed = best["tokens_per_s"]
     rows = []
     for kind in sorted({r["kind"] for r in result["rules"]}):
         ok = [r for r in result["rules"] if r["kind"] == kind and r["nll"] <= best["nll"]]
         top = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
-        rows.append({"rule": kind, "threshold": top and top["threshold"],
-                     "speedup_at_best_fixed_nll": top and top["tokens_per_s"] / best["tokens_per_s"]})  # fmt: skip
-    good = [o for o in result["oracle"] if o["nll"] <= best["nll"]]
-    ideal = max((o["tokens_per_s"] for o in good), default=None)
-    return {"best_fixed": {"depth": best["depth"], "nll": best["nll"],
-                           "tokens_per_s": best["tokens_per_s"]},
+        rows.append({"rule": kind, "threshold": top and top["threshold"], "cap": top and top["depth"],
+                     "speedup_at_best_fixed_nll": top and top["tokens_per_s"] / speed})  # fmt: skip
+    budgeted = result.get("oracle_at_best_fixed", {}).get("tokens_per_s")
+    good = [o["tokens_per_s"] for o in result["oracle"] if o["nll"] <= best["nll"]]
+    label = max([*good, *([budgeted] if budgeted else [])], default=None)
+    blind = [o["tokens_per_s"] for o in result["distribution_oracle"] if o["nll"] <= best["nll"]]
+    blind_speedup = max(blind) / speed if blind else None
+    rule_speedup = max((r["speedup_at_best_fixed_nll"] or 0 for r in rows), default=0)
+    met = rule_speedup >= 1.3 or (
+        blind_speedup is not None and blind_speedup < 1.3 and rule_speedup >= 0.9 * blind_speedup
+    )
+    return {"best_fixed": {"depth": best["depth"], "nll": best["nll"], "tokens_per_s": speed},
             "rules": rows,
-            "oracle_speedup_at_best_fixed_nll": ideal and ideal / best["tokens_per_s"]}  # fmt: skip
+            "label_oracle_speedup_at_best_fixed_nll": label and label / speed,
+            "distribution_oracle_speedup_at_best_fixed_nll": blind_speedup,
+            "best_rule_speedup": rule_speedup,
+            "bar_met": met}  # fmt: skip
+
+
+def point_name(p: dict, cap: int) -> str:
+    if p["kind"] == "fixed":
+        return f"fixed T={p['depth']}"
+    suffix = "" if p["depth"] == cap else f" (cap {p['depth']})"
+    return f"{p['kind']} {p['threshold']:g}{suffix}"
 
 
 def markdown(result: dict) -> str:
     """The tables bench/RESULTS.md carries."""
     front = {id(p) for p in result["pareto"]}
+    cap = result["fixed"][-1]["depth"]
     rows = ["| point | mean loops | NLL | tokens/s | on the front |", "|---|---|---|---|---|"]
     for p in [*result["fixed"], *result["rules"]]:
-        name = (
-            f"fixed T={p['depth']}" if p["kind"] == "fixed" else f"{p['kind']} {p['threshold']:g}"
-        )
-        rows.append(f"| {name} | {p['mean_depth']:.2f} | {p['nll']:.4f} | {p['tokens_per_s']:.0f} "
-                    f"| {'yes' if id(p) in front else ''} |")  # fmt: skip
+        rows.append(f"| {point_name(p, cap)} | {p['mean_depth']:.2f} | {p['nll']:.4f} | "
+                    f"{p['tokens_per_s']:.0f} | {'yes' if id(p) in front else ''} |")  # fmt: skip
+    at = "(fixed-depth speed at its loops)"
     for o in result["oracle"]:
-        rows.append(f"| oracle eps {o['epsilon']} | {o['mean_depth']:.2f} | {o['nll']:.4f} | "
-                    f"{o['tokens_per_s']:.0f} (fixed-depth speed at its loops) | |")  # fmt: skip
+        rows.append(f"| label oracle eps {o['epsilon']} | {o['mean_depth']:.2f} | {o['nll']:.4f} "
+                    f"| {o['tokens_per_s']:.0f} {at} | |")  # fmt: skip
+    b = result.get("oracle_at_best_fixed")
+    if b and b["mean_depth"] is not None:
+        rows.append(f"| label oracle at the best fixed NLL | {b['mean_depth']:.2f} | "
+                    f"{b['nll']:.4f} | {b['tokens_per_s']:.0f} {at} | |")  # fmt: skip
+    for o in result["distribution_oracle"]:
+        rows.append(f"| distribution oracle KL {o['epsilon']:g} (cap {o['cap']}) | "
+                    f"{o['mean_depth']:.2f} | {o['nll']:.4f} | {o['tokens_per_s']:.0f} {at} | |")  # fmt: skip
     overhead = ", ".join(f"{k} {v:+.1%}" for k, v in result["overhead"].items())
     return (
         "\n".join(rows)
@@ -163,7 +221,10 @@ def plot(result: dict, path: Path) -> None:
             ax.plot([r["tokens_per_s"] for r in rows], [r["nll"] for r in rows], marker,
                     label=f"exit: {kind}", alpha=0.8)  # fmt: skip
     ax.plot([o["tokens_per_s"] for o in result["oracle"]], [o["nll"] for o in result["oracle"]],
-            "*", markersize=12, color="gold", markeredgecolor="black", label="oracle exit")  # fmt: skip
+            "*", markersize=12, color="gold", markeredgecolor="black", label="label oracle")  # fmt: skip
+    blind = result["distribution_oracle"]
+    ax.plot([o["tokens_per_s"] for o in blind], [o["nll"] for o in blind], "P", markersize=8,
+            color="tab:purple", label="distribution oracle (KL to the best depth)")  # fmt: skip
     front = result["pareto"]
     ax.plot([p["tokens_per_s"] for p in front], [p["nll"] for p in front], "--", color="grey",
             label="Pareto front")  # fmt: skip

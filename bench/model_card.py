@@ -107,10 +107,16 @@ def depth_sampling(s: dict) -> str:
         if float(s.get("deep_fraction", 0)) > 0:
             tail = (f", except {float(s['deep_fraction']):.0%} of sequences drawn uniformly from "
                     f"[{s['mu_rec']}, {s['max_depth']}] (a deep tail)")  # fmt: skip
+        settle = ""
+        if float(s.get("settle_weight", 0)) > 0:
+            settle = (f" Settling penalty: {float(s['settle_weight']):g} x the last loop's relative "
+                      f"state change |h_T - h_T-1|^2 / |h_T|^2 of sequences at least "
+                      f"{s['mu_rec']} deep, added to the loss, so the state converges instead of "
+                      "drifting with more loops.")  # fmt: skip
         return (f"- {windows} Depth drawn per sequence from a log-normal Poisson (mean "
                 f"{s['mu_rec']}, sigma {s['depth_sigma']}, Huginn's sampler), clipped to "
                 f"[1, {s['max_depth']}]{tail}; gradients through the last {s['backprop_depth']} "
-                f"loops; AdamW lr {s['lr']}, cosine schedule on wall time.")  # fmt: skip
+                f"loops; AdamW lr {s['lr']}, cosine schedule on wall time.{settle}")  # fmt: skip
     return (f"- Windows of {s['seq']} tokens, batch {s['batch']}. Depth drawn per step: "
             f"T ~ Poisson({s['mu_rec']}) (at least 1, at most {s['max_depth']}), gradients through "
             f"the last {s['backprop_depth']} loops; AdamW lr {s['lr']}, cosine schedule on wall "

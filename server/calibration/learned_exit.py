@@ -24,13 +24,14 @@ class LoopTrace:
 
     states: Tensor  # (cap + 1, N, d): h_0 .. h_cap
     nll: Tensor  # (cap, N): NLL after loop t (row t - 1)
+    kl: Tensor | None = None  # (cap, N): KL(p_cap || p_t), next-token distributions
 
 
 @torch.no_grad()
 def trace_loops(model: Parcae, sequences: list[list[int]], cap: int, seed: int = 0) -> LoopTrace:
     """Run every sequence to `cap` loops, reading the coda after each loop."""
     g = torch.Generator().manual_seed(seed)
-    states, nlls = [], []
+    states, nlls, kls = [], [], []
     for tokens in sequences:
         ids = torch.tensor([tokens[:-1]])
         target = torch.tensor(tokens[1:])
@@ -39,15 +40,17 @@ def trace_loops(model: Parcae, sequences: list[list[int]], cap: int, seed: int =
         e = model.prelude(ids, rots, ctx)
         prepared = model.transformer["adapter"].prepare(e)
         h = model.initial_state(1, ids.shape[1], [g], e)
-        seq_states, seq_nll = [h[0].float()], []
+        seq_states, seq_logprobs = [h[0].float()], []
         for t in range(cap):
             h = model.core(h, prepared, ids, rots, ctx, t)
-            logits = model.coda(h, ids, rots, ctx)[0]
             seq_states.append(h[0].float())
-            seq_nll.append(F.cross_entropy(logits, target, reduction="none"))
+            seq_logprobs.append(torch.log_softmax(model.coda(h, ids, rots, ctx)[0].float(), -1))
+        logprobs = torch.stack(seq_logprobs)  # (cap, L, vocab)
         states.append(torch.stack(seq_states))
-        nlls.append(torch.stack(seq_nll))
-    return LoopTrace(torch.cat(states, dim=1), torch.cat(nlls, dim=1))
+        nlls.append(-logprobs.gather(2, target.expand(cap, -1).unsqueeze(2)).squeeze(2))
+        final = logprobs[-1]
+        kls.append((final.exp() * (final - logprobs)).sum(-1))
+    return LoopTrace(torch.cat(states, dim=1), torch.cat(nlls, dim=1), torch.cat(kls, dim=1))
 
 
 def done_labels(nll: Tensor, epsilon: float) -> Tensor:
@@ -69,6 +72,49 @@ def oracle(trace: LoopTrace | Tensor, epsilon: float) -> dict:
     return {"epsilon": epsilon, "mean_depth": float(first.float().mean() + 1),
             "nll": float(picked.mean()), "nll_at_cap": float(nll[-1].mean()),
             "cap": nll.shape[0]}  # fmt: skip
+
+
+def distribution_oracle(trace: LoopTrace, epsilon: float) -> dict:
+    """Per token, the first loop whose next-token distribution is within KL `epsilon` of the
+    cap's: an exit that sees the future (the cap's distribution) but not the label, so it bounds
+    what a rule can win without exploiting per-token label noise. (The label-reading `oracle`
+    and `oracle_at_nll` pick, per token, whichever depth happens to score the actual next token
+    best, and so reach the cap's NLL in far fewer loops than any causal rule could.)"""
+    if trace.kl is None:
+        raise ValueError("the trace has no KL to the cap (trace_loops records it)")
+    ok = trace.kl <= epsilon
+    ok[-1] = True  # the cap's own distribution
+    first = ok.float().argmax(dim=0)
+    picked = trace.nll.gather(0, first.unsqueeze(0))[0]
+    return {"epsilon": epsilon, "mean_depth": float(first.float().mean() + 1),
+            "nll": float(picked.mean()), "nll_at_cap": float(trace.nll[-1].mean()),
+            "cap": trace.nll.shape[0]}  # fmt: skip
+
+
+def oracle_at_nll(nll: Tensor, target: float, iterations: int = 40) -> dict:
+    """The fewest mean loops any per-token depth choice needs for a mean NLL <= `target`, from a
+    (cap, N) tensor of per-token NLL at each depth 1..cap: for a price `lam` per loop every token
+    takes argmin_d nll[d] + lam * d (the Lagrangian of the budgeted choice), `lam` bisected to the
+    largest price that still meets `target`. Like `oracle` it reads the labels: a bound, not a
+    rule. Returns {"target", "mean_depth", "nll", "cap"}; mean_depth is None when even the
+    per-token best depth misses `target`."""
+    cap, nll = nll.shape[0], nll.double()
+    loops = torch.arange(1, cap + 1, dtype=nll.dtype).unsqueeze(1)
+    target_met = target + 1e-6 * abs(target)  # a fixed depth's own mean, summed otherwise
+
+    def choose(lam: float) -> tuple[float, float]:
+        pick = (nll + lam * loops).argmin(dim=0)
+        return float(nll.gather(0, pick.unsqueeze(0)).mean()), float(pick.float().mean() + 1)
+
+    best_nll, _ = choose(0.0)
+    if best_nll > target_met:
+        return {"target": target, "mean_depth": None, "nll": best_nll, "cap": cap}
+    low, high = 0.0, float(nll.max() - nll.min()) + 1.0  # at `high` every token takes depth 1
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        low, high = (mid, high) if choose(mid)[0] <= target_met else (low, mid)
+    got, depth = choose(low)
+    return {"target": target, "mean_depth": depth, "nll": got, "cap": cap}
 
 
 def train_exit_probe(

@@ -13,7 +13,14 @@ import torch
 from parcae_serve.model.exit_probe import FILE, ExitProbe, load_exit_probe
 from parcae_serve.server.api.frontier import Frontier
 from parcae_serve.server.calibration.calibrate import calibrate
-from parcae_serve.server.calibration.learned_exit import LoopTrace, done_labels, oracle
+from parcae_serve.server.calibration.learned_exit import (
+    LoopTrace,
+    distribution_oracle,
+    done_labels,
+    oracle,
+    oracle_at_nll,
+    trace_loops,
+)
 from tests.conftest import running_server
 
 
@@ -30,6 +37,38 @@ def test_labels_and_oracle_on_known_losses() -> None:
     # (1.0 <= 1.6): mean depth 2, losses 1.0, 1.0, 1.0
     assert got["mean_depth"] == pytest.approx(2.0) and got["nll"] == pytest.approx(1.0)
     assert got["nll_at_cap"] == pytest.approx((1.0 + 1.0 + 1.6) / 3)
+
+
+def test_budgeted_oracle_buys_loops_where_they_lower_the_loss_most() -> None:
+    # cap 3; token 0 gains 1.0 from loop 2, token 1 gains 0.1 from loop 3, token 2 nothing
+    nll = torch.tensor([[2.0, 1.2, 1.0], [1.0, 1.2, 1.0], [1.0, 1.1, 1.0]])
+    got = oracle_at_nll(nll, target=(1.0 + 1.2 + 1.0) / 3)  # only token 0's loop is needed
+    assert got["mean_depth"] == pytest.approx(4 / 3)
+    assert got["nll"] <= got["target"] + 1e-6
+    full = oracle_at_nll(nll, target=3.1 / 3)  # token 1 needs loop 3 too
+    assert full["mean_depth"] == pytest.approx(6 / 3) and full["nll"] == pytest.approx(3.1 / 3)
+    assert oracle_at_nll(nll, target=1.0)["mean_depth"] is None  # unreachable at any depth
+
+
+def test_distribution_oracle_reads_the_kl_not_the_label() -> None:
+    nll = torch.tensor([[0.1, 3.0], [2.0, 2.0], [2.0, 1.0]])  # token 0 scores best at loop 1
+    kl = torch.tensor([[0.5, 0.002], [0.001, 0.0], [0.0, 0.0]])  # ...but its distribution moves
+    got = distribution_oracle(LoopTrace(torch.zeros(4, 2, 2), nll, kl), epsilon=0.01)
+    assert got["mean_depth"] == pytest.approx(1.5)  # token 0 at loop 2, token 1 at loop 1
+    assert got["nll"] == pytest.approx((2.0 + 3.0) / 2)
+    assert oracle(LoopTrace(torch.zeros(4, 2, 2), nll), 0.01)["nll"] < got["nll"]
+
+
+def test_trace_records_the_kl_to_the_cap(tiny_model_dir: Path) -> None:
+    from parcae_serve.model.loading import load_checkpoint
+
+    model = load_checkpoint(tiny_model_dir)
+    trace = trace_loops(model, [[0, 5, 9, 3, 7, 2, 11, 4]], cap=4)
+    assert trace.kl is not None and trace.kl.shape == trace.nll.shape == (4, 7)
+    assert bool((trace.kl[:-1] >= -1e-6).all()) and float(trace.kl[-1].abs().max()) < 1e-6
+    loose = distribution_oracle(trace, epsilon=float("inf"))
+    assert loose["mean_depth"] == 1 and loose["nll"] == pytest.approx(float(trace.nll[0].mean()))
+    assert distribution_oracle(trace, epsilon=-1.0)["mean_depth"] == 4  # only the cap itself
 
 
 @pytest.fixture(scope="module")
