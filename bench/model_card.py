@@ -168,6 +168,13 @@ def calibration_section(cal: dict, directory: Path) -> list[str]:
                   f"{probe.get('sequences', '?')} other held-out windows: accuracy "
                   f"{probe.get('accuracy', 0):.3f}, {probe.get('done_rate', 0):.1%} of (token, "
                   "loop) pairs already done."]  # fmt: skip
+    if "distribution_oracle" in cal:
+        b = cal["distribution_oracle"]
+        lines += ["", f"That oracle reads the label: it picks, per token, whichever depth happens "
+                  f"to score the actual next token well. The label-blind bound, per token the "
+                  f"first loop whose next-token distribution is within KL {b['epsilon']} of "
+                  f"T={b['cap']}'s: {b['mean_depth']:.2f} mean loops, NLL {b['nll']:.4f} (at the "
+                  f"cap {b['nll_at_cap']:.4f})."]  # fmt: skip
     if "kv_policies" in cal:
         kv = cal["kv_policies"]
         rows = [[r["policy"], str(r["depth"]), f"{r['nll']:.4f}", f"{r['nll_cost'] * 100:+.2f}%",

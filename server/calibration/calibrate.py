@@ -26,7 +26,12 @@ from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
 from parcae_serve.model.tokenizer import Tokenizer
 from parcae_serve.model.train import is_heldout, read_texts, stdlib_files
 from parcae_serve.server.calibration.evaluation import teacher_forced_nll
-from parcae_serve.server.calibration.learned_exit import oracle, trace_loops, train_exit_probe
+from parcae_serve.server.calibration.learned_exit import (
+    distribution_oracle,
+    oracle,
+    trace_loops,
+    train_exit_probe,
+)
 from parcae_serve.server.engine.kv_cache import choose_policy
 from parcae_serve.server.engine.sequence import RecurrenceExit
 
@@ -109,10 +114,11 @@ def calibrate(
     fit = fit_saturating_law(list(fixed), [r["nll"] for r in fixed.values()])
     cap = 2 * mu
     probe, probe_report = fit_probe(model, directory, sequences, length, cap, log)
-    exit_oracle = oracle(trace_loops(model, data, cap), EXIT_EPSILON)
-    log(
-        f"oracle (eps {EXIT_EPSILON}): depth {exit_oracle['mean_depth']:.2f} nll {exit_oracle['nll']:.4f}"
-    )
+    trace = trace_loops(model, data, cap)
+    exit_oracle = oracle(trace, EXIT_EPSILON)
+    blind_oracle = distribution_oracle(trace, EXIT_EPSILON)
+    for name, o in (("oracle", exit_oracle), ("distribution oracle", blind_oracle)):
+        log(f"{name} (eps {EXIT_EPSILON}): depth {o['mean_depth']:.2f} nll {o['nll']:.4f}")
     adaptive = []
     for criterion, thresholds in THRESHOLDS.items():
         for threshold in thresholds:
@@ -133,6 +139,7 @@ def calibrate(
         "adaptive": adaptive,
         "best_adaptive": best_adaptive(adaptive),
         "oracle": exit_oracle,
+        "distribution_oracle": blind_oracle,
         "exit_probe": probe_report,
         "kv_policies": kv_policy_table(model, data, mu, log=log),
     }

@@ -87,6 +87,9 @@ def test_calibrate_writes_the_probe_and_the_oracle(calibrated) -> None:
     depths = [r["mean_depth"] for r in learned]  # a higher threshold never exits earlier
     assert depths == sorted(depths)
     assert 1 <= report["oracle"]["mean_depth"] <= report["oracle"]["cap"]
+    blind = report["distribution_oracle"]  # the same trace, read without the label
+    assert blind["nll_at_cap"] == pytest.approx(report["oracle"]["nll_at_cap"])
+    assert 1 <= blind["mean_depth"] <= blind["cap"] == report["oracle"]["cap"]
     assert 0 <= report["exit_probe"]["accuracy"] <= 1
     probe = load_exit_probe(directory)
     before, after = torch.randn(5, 64), torch.randn(5, 64)
