@@ -170,8 +170,8 @@ def calibration_section(cal: dict, directory: Path) -> list[str]:
                   "loop) pairs already done."]  # fmt: skip
     if "distribution_oracle" in cal:
         b = cal["distribution_oracle"]
-        lines += ["", f"That oracle reads the label: it picks, per token, whichever depth happens "
-                  f"to score the actual next token well. The label-blind bound, per token the "
+        lines += ["", f"The oracle exit above reads the label: it picks, per token, whichever "
+                  f"depth happens to score the actual next token well. The label-blind bound, per token the "
                   f"first loop whose next-token distribution is within KL {b['epsilon']} of "
                   f"T={b['cap']}'s: {b['mean_depth']:.2f} mean loops, NLL {b['nll']:.4f} (at the "
                   f"cap {b['nll_at_cap']:.4f})."]  # fmt: skip

@@ -41,6 +41,7 @@ THRESHOLDS = {
     "learned": [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
 }
 EXIT_EPSILON = 0.01  # nats: "more loops would not help" (probe labels, oracle)
+ORACLE_KL = 0.01  # nats of KL to the cap's distribution: the label-blind oracle's "done"
 PROBE_SEQUENCES = 48  # held-out windows the probe trains on (disjoint from the evaluation's)
 
 
@@ -116,9 +117,9 @@ def calibrate(
     probe, probe_report = fit_probe(model, directory, sequences, length, cap, log)
     trace = trace_loops(model, data, cap)
     exit_oracle = oracle(trace, EXIT_EPSILON)
-    blind_oracle = distribution_oracle(trace, EXIT_EPSILON)
+    blind_oracle = distribution_oracle(trace, ORACLE_KL)
     for name, o in (("oracle", exit_oracle), ("distribution oracle", blind_oracle)):
-        log(f"{name} (eps {EXIT_EPSILON}): depth {o['mean_depth']:.2f} nll {o['nll']:.4f}")
+        log(f"{name} (eps {o['epsilon']}): depth {o['mean_depth']:.2f} nll {o['nll']:.4f}")
     adaptive = []
     for criterion, thresholds in THRESHOLDS.items():
         for threshold in thresholds:

@@ -45,7 +45,7 @@ def trace_loops(model: Parcae, sequences: list[list[int]], cap: int, seed: int =
             h = model.core(h, prepared, ids, rots, ctx, t)
             seq_states.append(h[0].float())
             seq_logprobs.append(torch.log_softmax(model.coda(h, ids, rots, ctx)[0].float(), -1))
-        logprobs = torch.stack(seq_logprobs)  # (cap, L, vocab)
+        logprobs = torch.stack(seq_logprobs)  # (cap, L, vocab): one sequence's, then dropped
         states.append(torch.stack(seq_states))
         nlls.append(-logprobs.gather(2, target.expand(cap, -1).unsqueeze(2)).squeeze(2))
         final = logprobs[-1]
@@ -92,11 +92,11 @@ def distribution_oracle(trace: LoopTrace, epsilon: float) -> dict:
 
 
 def oracle_at_nll(nll: Tensor, target: float, iterations: int = 40) -> dict:
-    """The fewest mean loops any per-token depth choice needs for a mean NLL <= `target`, from a
-    (cap, N) tensor of per-token NLL at each depth 1..cap: for a price `lam` per loop every token
-    takes argmin_d nll[d] + lam * d (the Lagrangian of the budgeted choice), `lam` bisected to the
-    largest price that still meets `target`. Like `oracle` it reads the labels: a bound, not a
-    rule. Returns {"target", "mean_depth", "nll", "cap"}; mean_depth is None when even the
+    """A per-token depth choice with mean NLL <= `target` in few mean loops, from a (cap, N)
+    tensor of per-token NLL at each depth 1..cap: for a price `lam` per loop every token takes
+    argmin_d nll[d] + lam * d (the Lagrangian of the budgeted choice), `lam` bisected to the
+    largest price that still meets `target`. A point of the choice's convex hull, so the true
+    fewest loops can be slightly lower. Like `oracle` it reads the labels: no rule can do it. Returns {"target", "mean_depth", "nll", "cap"}; mean_depth is None when even the
     per-token best depth misses `target`."""
     cap, nll = nll.shape[0], nll.double()
     loops = torch.arange(1, cap + 1, dtype=nll.dtype).unsqueeze(1)
