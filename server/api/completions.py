@@ -37,7 +37,7 @@ from parcae_serve.server.api.text import (
 )
 from parcae_serve.server.engine.engine import Engine, QueueFull
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
-from parcae_serve.server.engine.sampling import SamplingParams
+from parcae_serve.server.engine.sampling import SamplingParams, is_greedy
 from parcae_serve.server.engine.sequence import (
     EngineRequest,
     LoopParams,
@@ -278,7 +278,9 @@ class CompletionService:
             return None
         if spec is None:
             default = self.limits.speculative
-            fits = default is not None and default.draft_depth < depth and req.temperature < 1e-5
+            fits = (
+                default is not None and default.draft_depth < depth and is_greedy(req.temperature)
+            )
             exact = (policy or self.engine.cache.policy).exact_at(depth)  # else output changes
             return (
                 default

@@ -66,12 +66,7 @@ def oracle(trace: LoopTrace | Tensor, epsilon: float) -> dict:
     frontier point no exit rule can beat (it sees the future). From a trace, or from a
     (cap, N) tensor of per-token NLL at each depth 1..cap."""
     nll = trace.nll if isinstance(trace, LoopTrace) else trace
-    ok = nll <= nll[-1:] + epsilon
-    first = ok.float().argmax(dim=0)  # the first loop index (0-based) that is ok
-    picked = nll.gather(0, first.unsqueeze(0))[0]
-    return {"epsilon": epsilon, "mean_depth": float(first.float().mean() + 1),
-            "nll": float(picked.mean()), "nll_at_cap": float(nll[-1].mean()),
-            "cap": nll.shape[0]}  # fmt: skip
+    return exit_at_first(nll, nll <= nll[-1:] + epsilon, epsilon)
 
 
 def distribution_oracle(trace: LoopTrace, epsilon: float) -> dict:
@@ -84,11 +79,17 @@ def distribution_oracle(trace: LoopTrace, epsilon: float) -> dict:
         raise ValueError("the trace has no KL to the cap (trace_loops records it)")
     ok = trace.kl <= epsilon
     ok[-1] = True  # the cap's own distribution
-    first = ok.float().argmax(dim=0)
-    picked = trace.nll.gather(0, first.unsqueeze(0))[0]
+    return exit_at_first(trace.nll, ok, epsilon)
+
+
+def exit_at_first(nll: Tensor, ok: Tensor, epsilon: float) -> dict:
+    """Every token (column) stops at its first loop where `ok` (cap, N) holds (the cap if none):
+    {"epsilon", "mean_depth", "nll" of the picks, "nll_at_cap", "cap"}."""
+    first = ok.float().argmax(dim=0)  # the first loop index (0-based) that is ok
+    picked = nll.gather(0, first.unsqueeze(0))[0]
     return {"epsilon": epsilon, "mean_depth": float(first.float().mean() + 1),
-            "nll": float(picked.mean()), "nll_at_cap": float(trace.nll[-1].mean()),
-            "cap": trace.nll.shape[0]}  # fmt: skip
+            "nll": float(picked.mean()), "nll_at_cap": float(nll[-1].mean()),
+            "cap": nll.shape[0]}  # fmt: skip
 
 
 def oracle_at_nll(nll: Tensor, target: float, iterations: int = 40) -> dict:
@@ -96,8 +97,9 @@ def oracle_at_nll(nll: Tensor, target: float, iterations: int = 40) -> dict:
     tensor of per-token NLL at each depth 1..cap: for a price `lam` per loop every token takes
     argmin_d nll[d] + lam * d (the Lagrangian of the budgeted choice), `lam` bisected to the
     largest price that still meets `target`. A point of the choice's convex hull, so the true
-    fewest loops can be slightly lower. Like `oracle` it reads the labels: no rule can do it. Returns {"target", "mean_depth", "nll", "cap"}; mean_depth is None when even the
-    per-token best depth misses `target`."""
+    fewest loops can be slightly lower. Like `oracle` it reads the labels: no rule can do it.
+    Returns {"target", "mean_depth", "nll", "cap"}; mean_depth is None when even the per-token
+    best depth misses `target`."""
     cap, nll = nll.shape[0], nll.double()
     loops = torch.arange(1, cap + 1, dtype=nll.dtype).unsqueeze(1)
     target_met = target + 1e-6 * abs(target)  # a fixed depth's own mean, summed otherwise

@@ -8,6 +8,11 @@ import torch
 from torch import Tensor
 
 
+def is_greedy(temperature: float) -> bool:
+    """Whether a temperature means argmax (as vLLM: tinier temperatures only overflow)."""
+    return temperature < 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -28,7 +33,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5  # as vLLM: tinier temperatures only overflow
+        return is_greedy(self.temperature)
 
     @property
     def penalised(self) -> bool:
