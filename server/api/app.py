@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -111,6 +114,7 @@ def build(state: ServerState) -> None:
     tokenizer = load_tokenizer(model_dir, s.tokenizer)
     template = ChatTemplate.load(s.chat_template, model_dir, tokenizer)  # fails before compiling
     model: Parcae = load_checkpoint(model_dir, device=device, dtype=dtype)
+    threads = None
     if device == "cpu":  # before compiling: compiled kernels are specialised to the count
         threads = s.threads or kernel_threads(model, os.cpu_count() or 1)
         torch.set_num_threads(threads)
@@ -131,6 +135,7 @@ def build(state: ServerState) -> None:
         eos_id=tokenizer.eos_id,
         compile=compile_mode(s.compile, device),
         typical_depth=default_depth,
+        threads=None if os.environ.get("XOLD") else threads,
     )
     probe = load_exit_probe(model_dir, device, cfg.d_rec)
     frontier = Frontier.from_calibration(calibration, probe is not None)
@@ -174,6 +179,31 @@ def build(state: ServerState) -> None:
     log.info("serving %s on %s (%s), kv policy %s", limits.model_name, device, dtype, policy)
 
 
+async def in_own_thread(fn: Callable[..., object], *args: object) -> object:
+    """Await `fn(*args)` run in a new thread that ends with it (unlike `asyncio.to_thread`'s
+    pooled threads). Why: OpenMP keeps a worker pool for every thread that ran parallel
+    kernels; while the loading thread's pool lived on beside the engine thread's, libgomp
+    counted more threads than cores and stopped spinning between kernels, and decode on a
+    bandwidth-bound model ran 1.7x slower (measured, bench/RESULTS.md)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(set_outcome: Callable[[object], None], value: object) -> None:
+        if not done.done():  # the awaiting task may have been cancelled (shutdown)
+            set_outcome(value)
+
+    def run() -> None:
+        try:
+            outcome = (done.set_result, fn(*args))
+        except BaseException as err:  # re-raised in the awaiting task
+            outcome = (done.set_exception, err)
+        with contextlib.suppress(RuntimeError):  # the loop closed first (shutdown)
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="parcae-load", daemon=True).start()
+    return await done
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     state = ServerState(settings, Metrics(served_names(settings)[0]))
 
@@ -181,7 +211,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         async def load() -> None:
             try:
-                await asyncio.to_thread(build, state)
+                await in_own_thread(build, state)
             except Exception as err:  # keep serving /health (503) with the reason
                 state.load_error = f"{type(err).__name__}: {err}"
                 log.error("failed to load the model: %s", state.load_error)

@@ -7,9 +7,13 @@ import logging
 import os
 import signal
 
-# Before torch loads OpenMP: idle kernel threads sleep instead of spinning, so two threads on a
-# machine where another process holds a core slow down instead of collapsing (measured 15x).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP (libgomp reads these once): an idle kernel thread spins briefly,
+# then sleeps. Spinning long (libgomp's default, 300,000 spins) collapses two threads 4-9x when
+# another process holds a core; sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every parallel
+# region pay a wake-up, 1.7x slower on a bandwidth-bound model (bench/RESULTS.md). A user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # libgomp's default: 300,000
 
 import uvicorn
 

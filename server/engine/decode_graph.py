@@ -30,12 +30,20 @@ from torch import Tensor
 from parcae_serve.model.parcae import Parcae, derived_weights
 from parcae_serve.server.engine.kv_cache import KVCache
 
-# Compiler settings for this process (they are global in torch). Graphs are specialised per
-# depth, and a server may warm up a few dozen depths.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-# Batch and context sizes must stay symbolic even when they happen to equal a model dimension
-# (duck sizing would tie a context of 16 positions to a head size of 16, and recompile later).
-torch.fx.experimental._config.use_duck_shape = False
+
+def configure_compiler() -> None:
+    """Compiler settings for the calling thread: torch keeps config overrides per thread, so
+    every thread that compiles or calls a graph (the one that warms up, the engine's) calls
+    this first. Without it the engine thread's first call at a new slot count recompiled for
+    12 s (a guard tied the slot count to the pool's layer count)."""
+    # graphs are specialised per depth, and a server may warm up a few dozen depths
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # batch, context and slot counts must stay symbolic even when they happen to equal a model
+    # dimension (duck sizing ties a context of 16 positions to a head size of 16)
+    torch.fx.experimental._config.use_duck_shape = False
+
+
+configure_compiler()  # the importing thread
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 
 from parcae_serve.model.exit_probe import ExitProbe
 from parcae_serve.model.parcae import Parcae
+from parcae_serve.server.engine.decode_graph import configure_compiler
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
 from parcae_serve.server.engine.metrics import Metrics
 from parcae_serve.server.engine.runner import InFlight, ModelRunner
@@ -41,6 +42,7 @@ class EngineConfig:
     compile: str = "off"  # compiled decode path: "off" | "eager" | "inductor" | "cudagraphs"
     typical_depth: int | None = None  # the depth most requests run (default: mean_recurrence):
     # how the pool is split between outer and recurrent blocks
+    threads: int | None = None  # CPU kernel threads of the engine thread (None: torch's default)
 
 
 class Engine:
@@ -98,6 +100,7 @@ class Engine:
         serving. Decode at other depths runs eagerly."""
         if self.runner.decoder is None:
             return
+        configure_compiler()
         drafts = [speculation.draft_depth] if speculation else []
         for depth in dict.fromkeys(depths + drafts):
             self.runner.decoder.warm(depth)
@@ -107,6 +110,11 @@ class Engine:
                 self.runner.spec_graphs.warm(depth, spec.draft_depth, spec.tokens)
 
     def _run(self) -> None:
+        # OpenMP's thread count is per OS thread: a count set in the thread that built the
+        # engine does not reach this one, whose kernels would run on every core
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        configure_compiler()  # per-thread too
         while not self._stop:
             try:
                 busy = self.step()

@@ -3,7 +3,10 @@ runner: same tokens, same logprobs, same cache contents, for every policy and de
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
+import time
 
 import httpx
 import pytest
@@ -127,3 +130,81 @@ def test_default_kernel_threads_leave_a_core_to_http_unless_weights_stream_from_
     big = ParcaeConfig(n_embd=1024, num_attention_heads=8, vocab_size=32768, n_layers_in_coda=4)
     with torch.device("meta"):
         assert kernel_threads(Parcae(big), cores=2) == 2
+
+
+def omp_threads_here() -> int:
+    """OpenMP's thread count for the calling OS thread (torch.get_num_threads does not say)."""
+    info = torch.__config__.parallel_info()
+    return int(re.search(r"omp_get_max_threads\(\) : (\d+)", info)[1])
+
+
+def test_the_engine_thread_runs_its_kernels_on_the_configured_thread_count() -> None:
+    """OpenMP keeps the thread count per OS thread: a count set where the engine was built
+    never reached the engine's own thread, whose kernels then ran on every core."""
+    seen: list[int] = []
+    config = EngineConfig(SchedulerConfig(max_batch=2), kv_cache_bytes=2**20, threads=3)
+    eng = Engine(random_model(CFG), config)
+    eng.start()
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0)
+        request = EngineRequest([1, 2], params, LoopParams(2))
+        eng.submit(request, lambda out: seen.append(omp_threads_here()))
+        deadline = time.monotonic() + 30
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.stop()
+    assert seen and set(seen) == {3}
+
+
+def test_graphs_compiled_in_one_thread_serve_another_without_recompiling() -> None:
+    """The server compiles in a start-up thread and decodes in the engine's thread; torch
+    keeps compiler settings per thread, so both must set them. Without that, the first
+    per-loop request at a depth whose slot count differs from the recurrent block's layer
+    count recompiled inside a request (12 s on a 140m-shaped model)."""
+    torch._dynamo.reset()
+    depth = CFG.n_layers_in_recurrent_block + 1  # its slots must not equal the layer count
+    sched = SchedulerConfig(max_batch=8, prefill_chunk=5)
+    config = EngineConfig(sched, kv_policy="per-loop", kv_cache_bytes=4 * 2**20, compile="inductor")
+    fast = Engine(random_model(CFG), config)
+    warm = threading.Thread(target=fast.compile_decode, args=([depth],))
+    warm.start()
+    warm.join()
+    fast.start()
+    ref = engine("per-loop", "off", [])
+    reqs = requests([depth])
+    try:
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert_same(run_all(fast, reqs[:1]), run_all(ref, reqs[:1]))  # one row
+        assert_same(run_all(fast, reqs), run_all(ref, reqs))  # batches
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+        served = fast.metrics.registry.get_sample_value(
+            "parcae_compiled_decode_tokens_total", {"model_name": ""}
+        )
+        assert served >= 13 * len(reqs)  # by the graphs, not the eager fallback
+    finally:
+        ref.stop()
+        fast.stop()
+
+
+def test_the_server_loads_in_a_thread_that_ends_with_the_load() -> None:
+    """A pooled loading thread kept its OpenMP pool beside the engine's, and libgomp then
+    stopped spinning (1.7x slower decode of a bandwidth-bound model): the load gets a thread
+    of its own, gone once it returns, and its result or error reaches the awaiting task."""
+    from parcae_serve.server.api.app import in_own_thread
+
+    ran: list[threading.Thread] = []
+
+    def work(x: int) -> int:
+        ran.append(threading.current_thread())
+        return x + 1
+
+    def fail() -> None:
+        raise ValueError("no checkpoint")
+
+    assert asyncio.run(in_own_thread(work, 1)) == 2
+    (loader,) = ran
+    loader.join(timeout=5)
+    assert loader is not threading.main_thread() and not loader.is_alive()
+    with pytest.raises(ValueError, match="no checkpoint"):
+        asyncio.run(in_own_thread(fail))
