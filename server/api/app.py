@@ -80,15 +80,18 @@ def kv_policy(settings: ServerSettings, calibration: dict | None, default_depth:
     return choose_policy(calibration, settings.kv_max_nll_cost, default_depth)
 
 
-BANDWIDTH_BOUND_BYTES = 64 * 2**20  # weights past the per-core caches: decode reads DRAM
+# Measured on 2 cores over HTTP (bench/RESULTS.md): a 5 MiB model (the reference shape) runs
+# 1.1-1.2x faster on one kernel thread than on two, the 33 MiB built-in 1.1x (one stream) and
+# 1.2x (32 streams) faster on two, a 270 MiB one needs every core's bandwidth.
+MANY_THREADS_BYTES = 16 * 2**20
 
 
 def kernel_threads(model: Parcae, cores: int) -> int:
-    """Default CPU kernel threads. Measured on 2 cores (bench/RESULTS.md): a small model is
-    overhead-bound and runs fastest on cores - 1 threads, leaving a core to HTTP; a model whose
-    weights stream from DRAM every loop needs every core's bandwidth."""
+    """Default CPU kernel threads: every core, except for a model so small that decode is
+    overhead-bound, where syncing threads at every kernel costs more than they add: cores - 1,
+    leaving a core to HTTP."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return cores if weight_bytes >= BANDWIDTH_BOUND_BYTES else max(1, cores - 1)
+    return cores if weight_bytes >= MANY_THREADS_BYTES else max(1, cores - 1)
 
 
 def compile_mode(setting: str, device: str) -> str:

@@ -89,8 +89,8 @@ class ServerSettings(BaseSettings):
         None,
         ge=1,
         description="CPU threads for the model's kernels (default: every core for a model of "
-        "64 MiB of weights or more, which streams them from memory every loop; cores - 1 for a "
-        "smaller, overhead-bound one, leaving a core to HTTP). Idle threads spin briefly, then "
+        "16 MiB of weights or more; cores - 1 for a smaller, overhead-bound one, leaving a "
+        "core to HTTP). Idle threads spin briefly, then "
         "sleep (GOMP_SPINCOUNT=3000 unless it or OMP_WAIT_POLICY is set), so an "
         "oversubscribed machine slows down instead of collapsing",
     )

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from parcae_serve.model.config import ParcaeConfig
+from parcae_serve.model.loading import builtin_checkpoint, read_config
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.engine import Engine, EngineConfig
 from parcae_serve.server.engine.sampling import SamplingParams
@@ -122,13 +123,15 @@ def test_server_warms_its_decode_graphs_before_it_is_ready(tiny_model_dir) -> No
     assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
 
 
-def test_default_kernel_threads_leave_a_core_to_http_unless_weights_stream_from_memory() -> None:
+def test_default_kernel_threads_leave_a_core_to_http_only_for_a_tiny_model() -> None:
     from parcae_serve.server.api.app import kernel_threads
 
     assert kernel_threads(random_model(CFG), cores=2) == 1
     assert kernel_threads(random_model(CFG), cores=1) == 1
+    builtin = ParcaeConfig.from_dict(read_config(builtin_checkpoint()))  # 33 MiB in fp32
     big = ParcaeConfig(n_embd=1024, num_attention_heads=8, vocab_size=32768, n_layers_in_coda=4)
     with torch.device("meta"):
+        assert kernel_threads(Parcae(builtin), cores=2) == 2
         assert kernel_threads(Parcae(big), cores=2) == 2
 
 
