@@ -16,7 +16,8 @@ Measures, in one run on this machine:
    bandwidth), 32 concurrent streams of mixed depths against the matmul rate, and decode
    speed at 900 tokens of context against 64;
 4. a Parcae-140m-shaped model (d=768, 2/2/2, vocab 32768, fp32, random): one stream at T=8
-   against the DRAM bandwidth (bytes it must read per token / measured GB/s).
+   against the DRAM bandwidth (bytes it must read per token / measured GB/s), over HTTP with
+   the prefill included, and decode only (the server's time-per-output-token histogram).
 """
 
 from __future__ import annotations

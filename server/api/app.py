@@ -138,7 +138,7 @@ def build(state: ServerState) -> None:
         eos_id=tokenizer.eos_id,
         compile=compile_mode(s.compile, device),
         typical_depth=default_depth,
-        threads=None if os.environ.get("XOLD") else threads,
+        threads=threads,
     )
     probe = load_exit_probe(model_dir, device, cfg.d_rec)
     frontier = Frontier.from_calibration(calibration, probe is not None)

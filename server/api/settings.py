@@ -90,9 +90,9 @@ class ServerSettings(BaseSettings):
         ge=1,
         description="CPU threads for the model's kernels (default: every core for a model of "
         "16 MiB of weights or more; cores - 1 for a smaller, overhead-bound one, leaving a "
-        "core to HTTP). Idle threads spin briefly, then "
-        "sleep (GOMP_SPINCOUNT=3000 unless it or OMP_WAIT_POLICY is set), so an "
-        "oversubscribed machine slows down instead of collapsing",
+        "core to HTTP). Idle threads spin briefly, then sleep (GOMP_SPINCOUNT=3000 unless it "
+        "or OMP_WAIT_POLICY is set), so an oversubscribed machine slows down instead of "
+        "collapsing",
     )
     compile: Literal["auto", "off", "inductor", "cudagraphs", "eager"] = Field(
         "auto",
