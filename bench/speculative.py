@@ -60,7 +60,11 @@ def agreement_by_depth(model, tokenizer, depth: int) -> dict[int, float]:
 
 def make_engine(model, depth: int, specs: list[Speculation], spec_max_batch: int) -> Engine:
     scheduler = SchedulerConfig(64, 64, 512, 2048, spec_max_batch)
-    engine = Engine(model, EngineConfig(scheduler, kv_cache_bytes=512 * 2**20, compile="inductor"))
+    threads = torch.get_num_threads()  # main() set the server default; the engine thread needs it
+    config = EngineConfig(
+        scheduler, kv_cache_bytes=512 * 2**20, compile="inductor", threads=threads
+    )
+    engine = Engine(model, config)
     engine.compile_decode([depth])
     for spec in specs:
         engine.compile_decode([depth], spec)
