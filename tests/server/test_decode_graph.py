@@ -145,6 +145,7 @@ def test_the_engine_thread_runs_its_kernels_on_the_configured_thread_count() -> 
     """OpenMP keeps the thread count per OS thread: a count set where the engine was built
     never reached the engine's own thread, whose kernels then ran on every core."""
     seen: list[int] = []
+    before = torch.get_num_threads()  # torch also keeps a process-wide count: restored below
     config = EngineConfig(SchedulerConfig(max_batch=2), kv_cache_bytes=2**20, threads=3)
     eng = Engine(random_model(CFG), config)
     eng.start()
@@ -157,6 +158,7 @@ def test_the_engine_thread_runs_its_kernels_on_the_configured_thread_count() -> 
             time.sleep(0.01)
     finally:
         eng.stop()
+        torch.set_num_threads(before)
     assert seen and set(seen) == {3}
 
 
