@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -35,12 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ:  # as the server (cli.py): spin briefly, then sleep
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+from parcae_serve.server.api.openmp import spin_briefly_when_idle
 
-import httpx
-import torch
-from torch import Tensor
+spin_briefly_when_idle()  # as the server does, before torch loads OpenMP
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,10 +53,11 @@ from parcae_serve.server.engine.sampling import SamplingParams  # noqa: E402
 from parcae_serve.server.engine.scheduler import SchedulerConfig  # noqa: E402
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams  # noqa: E402
 from tests.conftest import running_server  # noqa: E402
-from tests.helpers import random_model  # noqa: E402
+from tests.helpers import metric, random_model  # noqa: E402
 
 SERVER_FLAGS = ("--kv-cache-bytes", str(512 * 2**20), "--max-batch", "64")
 COMPILED = (*SERVER_FLAGS, "--compile", "auto")  # the test helper defaults to --compile off
+TPOT = "parcae_time_per_output_token_seconds"  # the server's histogram (sum, count)
 
 
 # The machine ---------------------------------------------------------------------------------
@@ -168,25 +168,11 @@ def engine_tps(engine: Engine, depth: int, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def server_tpot(url: str) -> tuple[float, float]:
-    """The server's time-per-output-token histogram: (sum in seconds, count)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-
-    def sample(name: str) -> float:
-        return float(re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)[1])
-
-    return sample("parcae_time_per_output_token_seconds_sum"), sample(
-        "parcae_time_per_output_token_seconds_count"
-    )
-
-
-def compiled_engine(model: Parcae, depth: int, threads: int = 1) -> Engine:
+def compiled_engine(model: Parcae, depth: int) -> Engine:
     """The server's engine with the compiled decode path, in this process (kernel threads: 1,
     as the server's default for a model this small)."""
     scheduler = SchedulerConfig(max_batch=64, max_queue=64, prefill_chunk=512, max_context=2048)
-    config = EngineConfig(
-        scheduler, kv_cache_bytes=512 * 2**20, compile="inductor", threads=threads
-    )
+    config = EngineConfig(scheduler, kv_cache_bytes=512 * 2**20, compile="inductor", threads=1)
     engine = Engine(model, config)
     engine.compile_decode([depth])
     engine.start()
@@ -277,9 +263,9 @@ def big_section(machine: dict, rounds: int, tmp: Path) -> dict:
     )
     with running_server(model_dir, *COMPILED, timeout=1800) as server:
         stream_tps(server.url, [8], 4)
-        before = server_tpot(server.url)
+        before = [metric(server.url, f"{TPOT}_{part}") for part in ("sum", "count")]
         runs = [stream_tps(server.url, [8], 32) for _ in range(rounds)]
-        after = server_tpot(server.url)
+        after = [metric(server.url, f"{TPOT}_{part}") for part in ("sum", "count")]
     tps = median_of(runs, "tokens_per_s")
     tpot = (after[0] - before[0]) / (after[1] - before[1])  # mean over the runs' requests
     wbytes = token_bytes(model, 8)

@@ -1,7 +1,9 @@
 import queue
+import re
 import time
 from collections.abc import Callable
 
+import httpx
 import torch
 
 from parcae_serve.model.config import ParcaeConfig
@@ -132,3 +134,15 @@ def prefix_hit_tokens(cache, before: int) -> int:
     gained = cache.prefix_hits - before
     assert gained % cache.block_size == 0, gained
     return gained
+
+
+def metric(url: str, name: str, reason: str | None = None) -> float:
+    """A series' value (0 if it does not exist yet): `name` with any model_name label, and
+    finished_reason=`reason` if given."""
+    text = httpx.get(f"{url}/metrics").text
+    labels = rf'\{{(finished_reason="{reason}",)?model_name="[^"]*"\}}'
+    match = re.search(rf"^{re.escape(name)}{labels} (\S+)$", text, re.M)
+    if reason is not None and (match is None or "finished_reason" not in match[0]):
+        return 0.0
+    assert match, name
+    return float(match.group(2))

@@ -7,18 +7,14 @@ import logging
 import os
 import signal
 
-# Before torch loads OpenMP (libgomp reads these once): an idle kernel thread spins briefly,
-# then sleeps. Spinning long (libgomp's default, 300,000 spins) collapses two threads 4-9x when
-# another process holds a core; sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every parallel
-# region pay a wake-up, 1.7x slower on a bandwidth-bound model (bench/RESULTS.md). A user's own
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # libgomp's default: 300,000
+from parcae_serve.server.api.openmp import spin_briefly_when_idle
 
-import uvicorn
+spin_briefly_when_idle()  # before anything below loads torch, and with it OpenMP
 
-from parcae_serve.server.api.app import create_app
-from parcae_serve.server.api.settings import ServerSettings, parse_args
+import uvicorn  # noqa: E402
+
+from parcae_serve.server.api.app import create_app  # noqa: E402
+from parcae_serve.server.api.settings import ServerSettings, parse_args  # noqa: E402
 
 log = logging.getLogger("parcae.serve")
 SHUTDOWN_SLACK_S = 1.0  # after the grace: for ended streams to send their last bytes

@@ -66,3 +66,16 @@ def test_settings_that_would_fail_every_request_are_refused_at_start(tmp_path, f
     empty.write_text("# to be filled\n\n")
     with pytest.raises(SystemExit):
         parse_args([f.replace("{empty}", str(empty)) for f in flags])
+
+
+def test_idle_kernel_threads_spin_briefly_unless_the_user_chose() -> None:
+    from parcae_serve.server.api.openmp import SPIN_COUNT, spin_briefly_when_idle
+
+    for given, want in [
+        ({}, {"GOMP_SPINCOUNT": SPIN_COUNT}),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ({"GOMP_SPINCOUNT": "10"}, {"GOMP_SPINCOUNT": "10"}),
+    ]:
+        environ = dict(given)
+        spin_briefly_when_idle(environ)
+        assert environ == want

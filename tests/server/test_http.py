@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import threading
 
@@ -13,7 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import running_server
-from tests.helpers import wait_for
+from tests.helpers import metric, wait_for
 
 PROMPT = "def parse(text):\n    "
 
@@ -32,18 +31,6 @@ def greedy(client: openai.OpenAI, depth: int, **kw):
         model=model_id(client), prompt=PROMPT, max_tokens=kw.pop("max_tokens", 12),
         temperature=0, seed=kw.pop("seed", 3), extra_body={"recurrence_depth": depth}, **kw,
     )  # fmt: skip
-
-
-def metric(url: str, name: str, reason: str | None = None) -> float:
-    """A series' value (0 if it does not exist yet): `name` with any model_name label, and
-    finished_reason=`reason` if given."""
-    text = httpx.get(f"{url}/metrics").text
-    labels = rf'\{{(finished_reason="{reason}",)?model_name="[^"]*"\}}'
-    match = re.search(rf"^{re.escape(name)}{labels} (\S+)$", text, re.M)
-    if reason is not None and (match is None or "finished_reason" not in match[0]):
-        return 0.0
-    assert match, name
-    return float(match.group(2))
 
 
 # Completions ----------------------------------------------------------------------------------
