@@ -1,0 +1,122 @@
+"""Hand-written CPU kernels (csrc/), built on first use and registered as torch operators.
+
+`decode_attention` is the paged attention of one decode token per row (see
+csrc/decode_attention.cpp): the compiled decode graph calls it on the CPU, where inductor's own
+code for the same gather-and-reduce costs ~5x more per past position, which is what made decode
+slow down with context.
+
+The library is compiled with the C++ compiler torch.compile already needs, for the vector ISA
+inductor picks on this CPU (AVX-512, AVX2, or none), once per source, torch version and ISA; it
+is cached under
+`$PARCAE_KERNEL_CACHE` (default `~/.cache/parcae-serve/kernels`). Where it cannot be built the
+caller keeps its pure-torch path; `available()` says which.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension
+from torch._inductor import cpu_vec_isa
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "parcae-serve" / "kernels"
+    return Path(os.environ.get("PARCAE_KERNEL_CACHE", default))
+
+
+def _isa_flags() -> list[str]:
+    """Compiler flags for the vector ISA inductor uses here: at::vec's wide `Vectorized` is
+    compiled in only under its CPU_CAPABILITY macro (without it, a scalar array: 2x slower)."""
+    isa = cpu_vec_isa.pick_vec_isa()
+    if not isa:
+        return []
+    return [*(f"-D{m}" for m in isa.build_macro()), *isa.build_arch_flags().split()]
+
+
+def _command(source: Path, target: Path) -> list[str]:
+    includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths()]
+    lib = Path(torch.__file__).parent / "lib"
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    compiler = os.environ.get("CXX", "g++")
+    return [compiler, *CXX_FLAGS, *_isa_flags(), abi, *includes, str(source), "-o", str(target),
+            f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]  # fmt: skip
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CXX_FLAGS).encode(),
+                 " ".join(_isa_flags()).encode(), sys.platform.encode()):  # fmt: skip
+        key.update(part)
+    return cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: concurrent builders (test workers, replicas) never
+    # load a half-written library
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        result = subprocess.run(_command(SOURCE, partial), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, target)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether `torch.ops.parcae.decode_attention` is loaded (building it if needed); False,
+    with a warning, where it cannot be built or loaded (no compiler, another platform)."""
+    if os.environ.get("PARCAE_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        path = _library_path()
+        if not path.exists():
+            log.info("building the CPU decode-attention kernel (once): %s", path)
+            _build(path)
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        log.warning("CPU decode-attention kernel unavailable, using the torch path: %s", err)
+        return False
+    _register_fake()
+    return True
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("parcae::decode_attention")
+    def _(q, k_self, v_self, pool_k, pool_v, rows, lengths, scale):  # shapes for the compiler
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def decode_attention(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    pool_k: Tensor,
+    pool_v: Tensor,
+    rows: Tensor,
+    lengths: Tensor,
+    scale: float,
+) -> Tensor:
+    """softmax(q k^T * scale) v for one token per row, fp32 on the CPU.
+
+    q: (B, H, D); k_self, v_self: (B, Hkv, D) the row's own K/V; pool_k, pool_v: (R, Hkv, D)
+    one layer's paged pool, contiguous; rows: (B, L) long, the pool rows of each row's past
+    positions, of which the first `lengths[b]` are real (the rest are ignored). H must be a
+    multiple of Hkv (query heads h*G..h*G+G-1 share K/V head h). Returns (B, H, D).
+    Raises RuntimeError on a shape, dtype or device mismatch or a row outside the pool."""
+    return torch.ops.parcae.decode_attention(q, k_self, v_self, pool_k, pool_v, rows, lengths, scale)

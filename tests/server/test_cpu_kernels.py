@@ -1,0 +1,90 @@
+"""The CPU decode-attention kernel against plain softmax attention, and inside the decode graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parcae_serve.server.engine import cpu_kernels
+from parcae_serve.server.engine.decode_graph import DecodeBatch, PoolReadAttention
+
+
+def reference(q, k_self, v_self, pool_k, pool_v, rows, lengths):
+    """Per row, in float64: softmax attention over its first `lengths[b]` pool rows and its
+    own K/V, query head h reading K/V head h // G."""
+    B, H, D = q.shape
+    G = H // k_self.shape[1]
+    outs = []
+    for b in range(B):
+        n = int(lengths[b])
+        keys = torch.cat([pool_k[rows[b, :n]], k_self[b : b + 1]]).double()  # (n+1, Hkv, D)
+        values = torch.cat([pool_v[rows[b, :n]], v_self[b : b + 1]]).double()
+        keys, values = keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1)
+        weights = torch.einsum("hd,lhd->hl", q[b].double(), keys).mul(D**-0.5).softmax(-1)
+        outs.append(torch.einsum("hl,lhd->hd", weights, values).float())
+    return torch.stack(outs)
+
+
+def inputs(B: int, H: int, Hkv: int, D: int, L: int, lengths: list[int], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    R = 4 * L + 8
+    pool_k, pool_v = (torch.randn(R, Hkv, D, generator=gen) for _ in range(2))
+    rows = torch.stack([torch.randperm(R, generator=gen)[:L] for _ in range(B)])
+    rows[:, L // 2 :] += 10**9 * (torch.arange(L)[L // 2 :] >= torch.tensor(lengths)[:, None])
+    q = torch.randn(B, H, D, generator=gen)
+    k_self, v_self = (torch.randn(B, Hkv, D, generator=gen) for _ in range(2))
+    return q, k_self, v_self, pool_k, pool_v, rows, torch.tensor(lengths)
+
+
+def test_kernel_builds_here() -> None:
+    # CI has the compiler torch.compile needs; without it the engine falls back silently
+    assert cpu_kernels.available()
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "Hkv", "D", "L", "lengths"),
+    [
+        (1, 4, 4, 64, 900, [900]),  # the built-in model's heads, long context
+        (3, 8, 2, 24, 300, [0, 127, 300]),  # GQA, a head size that is no vector multiple
+        (4, 4, 2, 16, 260, [128, 129, 255, 256]),  # around the kernel's chunk boundaries
+        (2, 2, 1, 32, 5, [1, 5]),
+    ],
+)
+def test_kernel_matches_softmax_attention(B, H, Hkv, D, L, lengths) -> None:
+    args = inputs(B, H, Hkv, D, L, lengths)
+    got = cpu_kernels.decode_attention(*args, D**-0.5)
+    # rows past a length point far outside the pool: read, they would have raised
+    assert torch.allclose(got, reference(*args), atol=1e-5, rtol=1e-4)
+
+
+def test_kernel_rejects_bad_input() -> None:
+    q, k_self, v_self, pool_k, pool_v, rows, lengths = inputs(1, 4, 4, 16, 10, [10])
+    with pytest.raises(RuntimeError, match="out of range"):
+        bad = rows.clone()
+        bad[0, 3] = len(pool_k)
+        cpu_kernels.decode_attention(q, k_self, v_self, pool_k, pool_v, bad, lengths, 0.25)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu_kernels.decode_attention(q.double(), k_self, v_self, pool_k, pool_v, rows, lengths, 1)
+    with pytest.raises(RuntimeError, match="head shapes"):
+        cpu_kernels.decode_attention(q[:, :3], k_self, v_self, pool_k, pool_v, rows, lengths, 1)
+
+
+def test_graph_attention_same_with_and_without_kernel() -> None:
+    """PoolReadAttention's two paths on one paged batch: recurrent slot lookup, padding columns
+    past each row's length, and the row's own K/V."""
+    gen = torch.Generator().manual_seed(1)
+    B, H, Hkv, D, L, R = 3, 4, 2, 16, 40, 200
+    pools = tuple(torch.randn(2, R, Hkv, D, generator=gen) for _ in range(4))
+    rows = torch.randint(0, R, (2, B, L), generator=gen)
+    lengths = torch.tensor([40, 17, 0])
+    batch = DecodeBatch(
+        torch.zeros(B, 1, dtype=torch.long), lengths[:, None], torch.zeros(B, 1, 8), lengths,
+        rows[0], rows, torch.tensor([1, 0]),
+    )  # fmt: skip
+    q = torch.randn(B, H, 1, D, generator=gen)
+    k, v = (torch.randn(B, Hkv, 1, D, generator=gen) for _ in range(2))
+    for key in (("prelude", 1), ("core_block", 0, 0), ("core_block", 1, 1)):
+        plain = PoolReadAttention(pools, batch, 1).attend(key, q, k, v)
+        fused = PoolReadAttention(pools, batch, 1, fused=True).attend(key, q, k, v)
+        assert fused.shape == plain.shape
+        assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-4)
