@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.utils.cpp_extension
-from torch._inductor import cpu_vec_isa
 from torch import Tensor
+from torch._inductor import cpu_vec_isa
 
 log = logging.getLogger(__name__)
 
@@ -119,4 +119,6 @@ def decode_attention(
     positions, of which the first `lengths[b]` are real (the rest are ignored). H must be a
     multiple of Hkv (query heads h*G..h*G+G-1 share K/V head h). Returns (B, H, D).
     Raises RuntimeError on a shape, dtype or device mismatch or a row outside the pool."""
-    return torch.ops.parcae.decode_attention(q, k_self, v_self, pool_k, pool_v, rows, lengths, scale)
+    return torch.ops.parcae.decode_attention(
+        q, k_self, v_self, pool_k, pool_v, rows, lengths, scale
+    )

@@ -263,11 +263,12 @@ class CompiledDecoder:
 
     def __init__(self, model: Parcae, cache: KVCache, mode: str) -> None:
         self.model, self.cache, self.mode = model, cache, mode
-        # batches of 2+ rows attend with the CPU kernel where it is built (measured on the
-        # built-in model, 32 rows: 5% faster at 64 positions, 1.7x at 900); one row keeps
+        # batches of 2+ rows attend with the CPU kernel where it is built; one row keeps
         # inductor's attention, which it fuses with the neighbouring matrix-vector loops: the
         # kernel's call splits them and costs more than it saves below ~600 positions
+        # (bench/decode_attention.py)
         self.fused = fused_attention_fits(cache)
+        self.fused_min_rows = 2
         self.ready: set[int] = set()
         model.requires_grad_(False)  # serving only: no autograd bookkeeping around the graph
         if mode in ("inductor", "cudagraphs"):
@@ -303,7 +304,7 @@ class CompiledDecoder:
         else:
             padded = pad_batch(batch, B, L, S)
         fn = self._fn_single if B == 1 else self._fn
-        out = fn(self.model, depth, padded, self.pools, self.fused and B > 1)
+        out = fn(self.model, depth, padded, self.pools, self.fused and self.fused_min_rows <= B)
         if padded is not batch:
             kv = (t[..., :B, :, :] for t in (out.outer_k, out.outer_v, out.rec_k, out.rec_v))
             out = DecodeResult(out.logits[:B], out.h[:B], *kv)  # K/V: batch is the third-last axis
