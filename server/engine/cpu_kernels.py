@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -77,10 +78,19 @@ def _build(target: Path) -> None:
         os.replace(partial, target)
 
 
-@functools.cache
+_LOCK = threading.Lock()
+
+
 def available() -> bool:
     """Whether `torch.ops.parcae.decode_attention` is loaded (building it if needed); False,
-    with a warning, where it cannot be built or loaded (no compiler, another platform)."""
+    with a warning, where it cannot be built or loaded (no compiler, another platform), or
+    when PARCAE_CPU_KERNELS=0. Thread-safe; decided once per process."""
+    with _LOCK:
+        return _load()
+
+
+@functools.cache
+def _load() -> bool:
     if os.environ.get("PARCAE_CPU_KERNELS", "1") == "0":
         return False
     try:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -88,3 +92,20 @@ def test_graph_attention_same_with_and_without_kernel() -> None:
         fused = PoolReadAttention(pools, batch, 1, fused=True).attend(key, q, k, v)
         assert fused.shape == plain.shape
         assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("env", [{"CXX": "false"}, {"PARCAE_CPU_KERNELS": "0"}])
+def test_without_the_kernel_the_decoder_keeps_torch_attention(tmp_path, env) -> None:
+    """A failed build (no working compiler) or the switch leaves `available()` False and the
+    decode graphs on torch's attention, with a warning, not an error."""
+    code = (
+        "from parcae_serve.server.engine import cpu_kernels\n"
+        "print(cpu_kernels.available(), list(cpu_kernels.cache_dir().glob('*.so')))\n"
+    )
+    full_env = {**os.environ, "PARCAE_KERNEL_CACHE": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "[]"]
+    if "CXX" in env:
+        assert "using the torch path" in done.stderr
