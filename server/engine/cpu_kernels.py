@@ -1,23 +1,24 @@
 """Hand-written CPU kernels (csrc/), built on first use and registered as torch operators.
 
 `decode_attention` is the paged attention of one decode token per row (see
-csrc/decode_attention.cpp): the compiled decode graph calls it on the CPU, where inductor's own
-code for the same gather-and-reduce costs ~5x more per past position, which is what made decode
-slow down with context.
+csrc/decode_attention.cpp): batched decode graphs call it on the CPU, where inductor's own code
+for the same gather-and-reduce costs ~2x more per past position (bench/RESULTS.md).
 
 The library is compiled with the C++ compiler torch.compile already needs, for the vector ISA
-inductor picks on this CPU (AVX-512, AVX2, or none), once per source, torch version and ISA; it
-is cached under
-`$PARCAE_KERNEL_CACHE` (default `~/.cache/parcae-serve/kernels`). Where it cannot be built the
-caller keeps its pure-torch path; `available()` says which.
+inductor picks on this CPU (AVX-512, AVX2, or none), and cached under `$PARCAE_KERNEL_CACHE`
+(default `~/.cache/parcae-serve/kernels`), keyed by the source, the compiler command and
+version, and torch's build. Where it cannot be built or loaded, callers keep their pure-torch
+path; `available()` says which.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,9 +34,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
+BUILD_TIMEOUT_S = 300  # a compile takes ~8 s; a hung compiler must not hold the server's start
 
 
 def cache_dir() -> Path:
+    """Where built libraries are kept: $PARCAE_KERNEL_CACHE, else ~/.cache/parcae-serve/kernels."""
     default = Path.home() / ".cache" / "parcae-serve" / "kernels"
     return Path(os.environ.get("PARCAE_KERNEL_CACHE", default))
 
@@ -50,32 +53,47 @@ def _isa_flags() -> list[str]:
 
 
 def _command(source: Path, target: Path) -> list[str]:
+    """The compile command ($CXX may hold a wrapper: "ccache g++"); the libraries come after
+    the source, or a linker with --as-needed drops them."""
     includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths()]
     lib = Path(torch.__file__).parent / "lib"
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    compiler = os.environ.get("CXX", "g++")
-    return [compiler, *CXX_FLAGS, *_isa_flags(), abi, *includes, str(source), "-o", str(target),
+    compiler = shlex.split(os.environ.get("CXX", "g++"))
+    return [*compiler, *CXX_FLAGS, *_isa_flags(), abi, *includes, str(source), "-o", str(target),
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]  # fmt: skip
 
 
 def _library_path() -> Path:
+    """The cached library for this source, compile command, compiler version and torch build.
+    Raises OSError / SubprocessError when the compiler cannot be run."""
+    command = _command(SOURCE, Path("out.so"))
+    compiler = shlex.split(os.environ.get("CXX", "g++"))
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout  # fmt: skip
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CXX_FLAGS).encode(),
-                 " ".join(_isa_flags()).encode(), sys.platform.encode()):  # fmt: skip
-        key.update(part)
+    for part in (SOURCE.read_bytes(), " ".join(command), version, torch.__version__,
+                 str(torch.version.git_version), sys.platform):  # fmt: skip
+        key.update(part.encode() if isinstance(part, str) else part)
     return cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
 
 
 def _build(target: Path) -> None:
+    """Compile SOURCE to `target`. Concurrent builders (replicas, test workers) wait on a file
+    lock and the first one's result; the library is written beside the target and renamed, so
+    no process loads a half-written file. Raises RuntimeError when compiling fails, OSError /
+    SubprocessError when the compiler or the cache directory cannot be used."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # build beside the target and rename: concurrent builders (test workers, replicas) never
-    # load a half-written library
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        result = subprocess.run(_command(SOURCE, partial), capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
-        os.replace(partial, target)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            partial = Path(tmp) / target.name
+            result = subprocess.run(_command(SOURCE, partial), capture_output=True, text=True,
+                                    timeout=BUILD_TIMEOUT_S)  # fmt: skip
+            if result.returncode != 0:
+                raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            os.replace(partial, target)
 
 
 _LOCK = threading.Lock()
@@ -95,10 +113,17 @@ def _load() -> bool:
         return False
     try:
         path = _library_path()
-        if not path.exists():
-            log.info("building the CPU decode-attention kernel (once): %s", path)
-            _build(path)
-        torch.ops.load_library(str(path))
+        for attempt in range(2):
+            if not path.exists():
+                log.info("building the CPU decode-attention kernel (once): %s", path)
+                _build(path)
+            try:
+                torch.ops.load_library(str(path))
+                break
+            except OSError:  # a damaged cache entry: build it again, once
+                if attempt:
+                    raise
+                path.unlink(missing_ok=True)
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("CPU decode-attention kernel unavailable, using the torch path: %s", err)
         return False
@@ -108,7 +133,7 @@ def _load() -> bool:
 
 def _register_fake() -> None:
     @torch.library.register_fake("parcae::decode_attention")
-    def _(q, k_self, v_self, pool_k, pool_v, rows, lengths, scale):  # shapes for the compiler
+    def _(q: Tensor, *_: object) -> Tensor:  # the output's shape, for the compiler
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

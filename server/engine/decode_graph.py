@@ -265,7 +265,7 @@ class CompiledDecoder:
         self.model, self.cache, self.mode = model, cache, mode
         # batches of 2+ rows attend with the CPU kernel where it is built; one row keeps
         # inductor's attention, which it fuses with the neighbouring matrix-vector loops: the
-        # kernel's call splits them and costs more than it saves below ~600 positions
+        # kernel's call splits them and costs more than it saves below ~700 positions
         # (bench/decode_attention.py)
         self.fused = fused_attention_fits(cache)
         self.fused_min_rows = 2

@@ -9,8 +9,13 @@ import sys
 import pytest
 import torch
 
+from parcae_serve.model.config import ParcaeConfig
 from parcae_serve.server.engine import cpu_kernels
-from parcae_serve.server.engine.decode_graph import DecodeBatch, PoolReadAttention
+from parcae_serve.server.engine.decode_graph import CompiledDecoder, DecodeBatch, PoolReadAttention
+from parcae_serve.server.engine.kv_cache import PER_LOOP, KVCache
+from tests.helpers import random_model
+
+CFG = ParcaeConfig(n_embd=32, num_attention_heads=2, vocab_size=64, mean_recurrence=2)
 
 
 def reference(q, k_self, v_self, pool_k, pool_v, rows, lengths):
@@ -34,15 +39,25 @@ def inputs(B: int, H: int, Hkv: int, D: int, L: int, lengths: list[int], seed: i
     R = 4 * L + 8
     pool_k, pool_v = (torch.randn(R, Hkv, D, generator=gen) for _ in range(2))
     rows = torch.stack([torch.randperm(R, generator=gen)[:L] for _ in range(B)])
-    rows[:, L // 2 :] += 10**9 * (torch.arange(L)[L // 2 :] >= torch.tensor(lengths)[:, None])
+    # columns past a row's length point far outside the pool: read, they would raise
+    past = torch.arange(L)[None, :] >= torch.tensor(lengths).clamp(0, L)[:, None]
+    rows += 10**9 * past
     q = torch.randn(B, H, D, generator=gen)
     k_self, v_self = (torch.randn(B, Hkv, D, generator=gen) for _ in range(2))
     return q, k_self, v_self, pool_k, pool_v, rows, torch.tensor(lengths)
 
 
-def test_kernel_builds_here() -> None:
-    # CI has the compiler torch.compile needs; without it the engine falls back silently
+@pytest.fixture(autouse=True, scope="module")
+def kernel() -> None:
+    # CI has the compiler torch.compile needs; without it the engine falls back (with a
+    # warning), and these tests must say so rather than pass on the torch path
     assert cpu_kernels.available()
+
+
+def test_decoder_uses_the_kernel_for_batches_only() -> None:
+    cache = KVCache(CFG, PER_LOOP, 2**20, typical_depth=2)
+    decoder = CompiledDecoder(random_model(CFG), cache, "eager")
+    assert decoder.fused and decoder.fused_min_rows == 2
 
 
 @pytest.mark.parametrize(
@@ -52,20 +67,22 @@ def test_kernel_builds_here() -> None:
         (3, 8, 2, 24, 300, [0, 127, 300]),  # GQA, a head size that is no vector multiple
         (4, 4, 2, 16, 260, [128, 129, 255, 256]),  # around the kernel's chunk boundaries
         (2, 2, 1, 32, 5, [1, 5]),
+        (2, 4, 2, 20, 12, [-3, 40]),  # lengths outside [0, L] clamp; 20: no AVX2 multiple
     ],
 )
 def test_kernel_matches_softmax_attention(B, H, Hkv, D, L, lengths) -> None:
     args = inputs(B, H, Hkv, D, L, lengths)
     got = cpu_kernels.decode_attention(*args, D**-0.5)
-    # rows past a length point far outside the pool: read, they would have raised
-    assert torch.allclose(got, reference(*args), atol=1e-5, rtol=1e-4)
+    q, k_self, v_self, pool_k, pool_v, rows, lengths = args
+    want = reference(q, k_self, v_self, pool_k, pool_v, rows, lengths.clamp(0, L))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_kernel_rejects_bad_input() -> None:
-    q, k_self, v_self, pool_k, pool_v, rows, lengths = inputs(1, 4, 4, 16, 10, [10])
+    q, k_self, v_self, pool_k, pool_v, rows, lengths = inputs(2, 4, 4, 16, 300, [300, 300])
+    bad = rows.clone()
+    bad[1, 200] = len(pool_k)  # in the second chunk of the second row: raised in a worker
     with pytest.raises(RuntimeError, match="out of range"):
-        bad = rows.clone()
-        bad[0, 3] = len(pool_k)
         cpu_kernels.decode_attention(q, k_self, v_self, pool_k, pool_v, bad, lengths, 0.25)
     with pytest.raises(RuntimeError, match="dtype"):
         cpu_kernels.decode_attention(q.double(), k_self, v_self, pool_k, pool_v, rows, lengths, 1)
@@ -95,9 +112,10 @@ def test_graph_attention_same_with_and_without_kernel() -> None:
 
 
 @pytest.mark.parametrize("env", [{"CXX": "false"}, {"PARCAE_CPU_KERNELS": "0"}])
-def test_without_the_kernel_the_decoder_keeps_torch_attention(tmp_path, env) -> None:
-    """A failed build (no working compiler) or the switch leaves `available()` False and the
-    decode graphs on torch's attention, with a warning, not an error."""
+def test_kernel_unavailable_without_compiler_or_when_switched_off(tmp_path, env) -> None:
+    """A failed build (no working compiler) or the switch leaves `available()` False (so
+    `fused_attention_fits` keeps the decode graphs on torch's attention), with a warning, not
+    an error, and nothing in the cache."""
     code = (
         "from parcae_serve.server.engine import cpu_kernels\n"
         "print(cpu_kernels.available(), list(cpu_kernels.cache_dir().glob('*.so')))\n"
@@ -106,6 +124,6 @@ def test_without_the_kernel_the_decoder_keeps_torch_attention(tmp_path, env) -> 
     done = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False", "[]"]
+    assert done.stdout.split() == ["False", "[]"]  # the lock file may stay, no library
     if "CXX" in env:
         assert "using the torch path" in done.stderr

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -77,6 +78,7 @@ void attend_chunk(const Chunk& c, const Shape& sh, float* m, float* sum, float* 
     TORCH_CHECK(r >= 0 && r < sh.num_rows, "pool row ", r, " out of range [0, ", sh.num_rows, ")");
     return sh.pool_k + r * row_size;
   };
+  // rows[l] was bounds-checked by k_of in the score pass over the same positions
   auto v_of = [&](int64_t l) { return l == c.n ? c.v_self : sh.pool_v + c.rows[l] * row_size; };
   scores.resize(H * len);  // (H, len)
   for (int64_t l = c.begin; l < c.end; ++l) {
@@ -138,7 +140,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const auto rows = rows_in.contiguous(), lengths = lengths_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), L = rows.size(1);
-  TORCH_CHECK(H % Hkv == 0 && pool_k.size(1) == Hkv && pool_k.size(2) == D && k.size(2) == D,
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && pool_k.size(1) == Hkv && pool_k.size(2) == D && k.size(2) == D,
               "head shapes disagree");
   TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && rows.size(0) == B && lengths.size(0) == B,
               "batch sizes disagree");
@@ -148,12 +150,22 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const int64_t *rp = rows.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const Shape shape{pk, pv, pool_k.size(0), H, Hkv, H / Hkv, D, static_cast<float>(scale)};
-  const int64_t chunks = (L + 1 + CHUNK - 1) / CHUNK;  // of every row: past positions + itself
-  std::vector<float> m(B * chunks * H), sum(B * chunks * H), acc(B * chunks * H * D);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t first, int64_t last) {
+  // one task per non-empty chunk, so rows of different lengths spread over the threads
+  std::vector<int64_t> first(B + 1, 0), row_of;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = std::clamp<int64_t>(lp[b], 0, L);
+    first[b + 1] = first[b] + (n + 1 + CHUNK - 1) / CHUNK;  // past positions + itself
+    row_of.insert(row_of.end(), first[b + 1] - first[b], b);
+  }
+  const int64_t tasks = first[B];
+  // every slot is written by its task (attend_chunk), so no zero fill
+  auto m = std::make_unique_for_overwrite<float[]>(tasks * H);
+  auto sum = std::make_unique_for_overwrite<float[]>(tasks * H);
+  auto acc = std::make_unique_for_overwrite<float[]>(tasks * H * D);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / chunks, c = task % chunks;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = row_of[task], c = task - first[b];
       const int64_t n = std::clamp<int64_t>(lp[b], 0, L);
       const Chunk chunk{qp + b * H * D, kp + b * Hkv * D, vp + b * Hkv * D, rp + b * L, n,
                         c * CHUNK, std::min((c + 1) * CHUNK, n + 1)};
@@ -161,8 +173,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
     }
   });
   for (int64_t b = 0; b < B; ++b)
-    merge(chunks, H, D, &m[b * chunks * H], &sum[b * chunks * H], &acc[b * chunks * H * D],
-          op + b * H * D);
+    merge(first[b + 1] - first[b], H, D, &m[first[b] * H], &sum[first[b] * H],
+          &acc[first[b] * H * D], op + b * H * D);
   return out;
 }
 
