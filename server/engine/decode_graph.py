@@ -264,9 +264,9 @@ class CompiledDecoder:
     def __init__(self, model: Parcae, cache: KVCache, mode: str) -> None:
         self.model, self.cache, self.mode = model, cache, mode
         # batches of 2+ rows attend with the CPU kernel where it is built; one row keeps
-        # inductor's attention: its graph's C++ wrapper calls an external operator through
-        # the dispatcher at ~25 us a call, more than the kernel saves below ~700 positions
-        # (bench/decode_attention.py, bench/RESULTS.md)
+        # inductor's attention: in the single-row graph each external call costs ~25 us,
+        # more than the kernel saves below ~700 positions (bench/decode_attention.py,
+        # bench/RESULTS.md)
         self.fused = fused_attention_fits(cache)
         self.fused_min_rows = 2
         self.ready: set[int] = set()
