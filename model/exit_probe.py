@@ -12,6 +12,7 @@ arXiv 2207.07061, sec. 3.1; Continuous Depth Batching, arXiv 2608.09444).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -67,13 +68,10 @@ class ExitProbe(nn.Module):
         moved = step.norm(dim=-1).clamp_min(1e-12)
         r = moved / size
         constant = bias + w_ran * (ran / self.mean_recurrence) + w_inv / ran
-        return (
-            (after @ w_after) / size
-            + (step @ w_step) / moved
-            + w_log * r.log()
-            + w_r * r
-            + constant
-        )
+        # in-place, scaled adds: this runs after every loop, and on a decode batch each op costs
+        # its dispatch more than its arithmetic (bench/exit_overhead.py: 5.3% -> 4.8% of a loop)
+        out = (after @ w_after).div_(size).addcdiv_(step @ w_step, moved)
+        return out.add_(r.log(), alpha=w_log).add_(r, alpha=w_r).add_(constant)
 
     def _split(self) -> tuple:
         """The weight split by feature: the two direction vectors, the scalars as floats."""
@@ -85,14 +83,22 @@ class ExitProbe(nn.Module):
         self, before: Tensor, after: Tensor, ran: int | Tensor, threshold: float | Tensor
     ) -> Tensor:
         """(n,) bool: probability >= threshold (one, or (n,) per row), compared as logits."""
-        q = torch.as_tensor(threshold, dtype=torch.float32, device=after.device)
-        return self.logit(before, after, ran) >= torch.logit(q)  # q = 0: always; q = 1: never
+        cut = torch.logit(threshold.float()) if isinstance(threshold, Tensor) else logit(threshold)
+        return self.logit(before, after, ran) >= cut  # q = 0: always; q = 1: never
 
     def save(self, directory: Path) -> None:
         meta = {"mean_recurrence": str(self.mean_recurrence), "epsilon": str(self.epsilon),
                 "cap": str(self.cap), "d": str((self.linear.in_features - EXTRA) // 2)}  # fmt: skip
         state = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / FILE), metadata=meta)
+
+
+def logit(q: float) -> float:
+    """log(q / (1 - q)) in Python (one threshold for a batch needs no tensor ops): -inf at
+    q <= 0, inf at q >= 1, as torch.logit."""
+    if q <= 0:
+        return -math.inf
+    return math.inf if q >= 1 else math.log(q / (1 - q))
 
 
 def load_exit_probe(

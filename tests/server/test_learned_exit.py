@@ -127,6 +127,14 @@ def test_the_probe_logit_is_its_linear_layer_on_the_features() -> None:
     assert torch.allclose(probe.logit(before, after, 3), full, atol=1e-5)
     p = torch.sigmoid(full)
     assert probe.exits(before, after, 3, 0.5).tolist() == (p >= 0.5).tolist()
+    ran = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9])  # per-row loops and thresholds
+    per_row = probe.linear(torch.cat([probe.features(before[i : i + 1], after[i : i + 1], int(ran[i]))
+                                      for i in range(9)])).squeeze(-1)  # fmt: skip
+    assert torch.allclose(probe.logit(before, after, ran), per_row, atol=1e-5)
+    for q in (0.0, 0.3, 0.9, 1.0):  # a float threshold as a tensor of them, ends included
+        as_tensor = probe.exits(before, after, 3, torch.full((9,), q))
+        assert probe.exits(before, after, 3, q).tolist() == as_tensor.tolist()
+    assert probe.exits(before, after, 3, 0.0).all() and not probe.exits(before, after, 3, 1.0).any()
 
 
 def test_auto_picks_the_fastest_point_within_the_budget(calibrated) -> None:
