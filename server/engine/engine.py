@@ -85,6 +85,10 @@ class Engine:
 
     # Lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the engine in a thread of its own. In-process callers: keep no other thread with
+        a multi-threaded torch (OpenMP) pool alive meanwhile (load and compile in a thread that
+        ends, or at one thread): with more OpenMP threads than cores, libgomp stops spinning
+        and the engine steps ~5x slower (bench/RESULTS.md, "Decode attention")."""
         self._thread = threading.Thread(target=self._run, name="parcae-engine", daemon=True)
         self._thread.start()
 
