@@ -52,14 +52,18 @@ def _isa_flags() -> list[str]:
     return [*(f"-D{m}" for m in isa.build_macro()), *isa.build_arch_flags().split()]
 
 
+def _compiler() -> list[str]:
+    """$CXX as a command (it may hold a wrapper: "ccache g++"), else g++."""
+    return shlex.split(os.environ.get("CXX", "g++"))
+
+
 def _command(source: Path, target: Path) -> list[str]:
-    """The compile command ($CXX may hold a wrapper: "ccache g++"); the libraries come after
-    the source, or a linker with --as-needed drops them."""
+    """The compile command; the libraries come after the source, or a linker with --as-needed
+    drops them."""
     includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths()]
     lib = Path(torch.__file__).parent / "lib"
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    compiler = shlex.split(os.environ.get("CXX", "g++"))
-    return [*compiler, *CXX_FLAGS, *_isa_flags(), abi, *includes, str(source), "-o", str(target),
+    return [*_compiler(), *CXX_FLAGS, *_isa_flags(), abi, *includes, str(source), "-o", str(target),
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]  # fmt: skip
 
 
@@ -67,8 +71,7 @@ def _library_path() -> Path:
     """The cached library for this source, compile command, compiler version and torch build.
     Raises OSError / SubprocessError when the compiler cannot be run."""
     command = _command(SOURCE, Path("out.so"))
-    compiler = shlex.split(os.environ.get("CXX", "g++"))
-    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
+    version = subprocess.run([*_compiler(), "--version"], capture_output=True, text=True,
                              timeout=60, check=True).stdout  # fmt: skip
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(command), version, torch.__version__,

@@ -65,13 +65,9 @@ struct Shape {
 
 void attend_chunk(const Chunk& c, const Shape& sh, float* m, float* sum, float* acc,
                   std::vector<float>& scores) {
+  // len >= 1: the caller makes tasks of non-empty chunks only
   const int64_t H = sh.H, D = sh.D, G = sh.G, len = c.end - c.begin, row_size = sh.Hkv * D;
   std::fill(acc, acc + H * D, 0.f);
-  if (len <= 0) {
-    std::fill(m, m + H, -std::numeric_limits<float>::infinity());
-    std::fill(sum, sum + H, 0.f);
-    return;
-  }
   auto k_of = [&](int64_t l) -> const float* {
     if (l == c.n) return c.k_self;
     const int64_t r = c.rows[l];
@@ -110,8 +106,7 @@ void merge(int64_t chunks, int64_t H, int64_t D, const float* m, const float* su
     float total = 0.f;
     float* o = out + hq * D;
     std::fill(o, o + D, 0.f);
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (sum[c * H + hq] == 0.f) continue;
+    for (int64_t c = 0; c < chunks; ++c) {  // a chunk's sum >= 1 (its max scores exp(0))
       const float w = std::exp(m[c * H + hq] - top);
       total += w * sum[c * H + hq];
       axpy(w, acc + (c * H + hq) * D, o, D);
