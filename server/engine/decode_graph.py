@@ -67,9 +67,26 @@ class DecodeBatch:
 
 
 @dataclass
+class KVWrites:
+    """A call's new K/V as rows of the flattened pools (`flat_views`): outer_idx (N_o,) rows
+    and outer_k, outer_v (N_o, Hkv*hd); rec_idx (N_r,) and rec_k, rec_v (N_r, Hkv_rec*hd_rec),
+    each slot getting the K/V of the last loop mapped to it. `write_kv` copies them in."""
+
+    outer_idx: Tensor
+    outer_k: Tensor
+    outer_v: Tensor
+    rec_idx: Tensor
+    rec_k: Tensor
+    rec_v: Tensor
+
+
+@dataclass
 class DecodeResult:
     """logits: (B, V) fp32; h: (B, d_rec) final states; outer_kv: ((P+C), B, Hkv, hd) K and V;
-    rec_kv: (T, R, B, Hkv_rec, hd_rec) K and V of every loop."""
+    rec_kv: (T, R, B, Hkv_rec, hd_rec) K and V of every loop. A decode graph given the write
+    indices also returns `writes` (the same K/V as pool rows) and each row's argmax token and
+    its logprob, `top_token` (B,) and `top_logprob` (B,): with those a greedy token costs no
+    op outside the graph (each costs ~10 us there: the graph has just evicted the caches)."""
 
     logits: Tensor
     h: Tensor
@@ -77,6 +94,9 @@ class DecodeResult:
     outer_v: Tensor
     rec_k: Tensor
     rec_v: Tensor
+    writes: KVWrites | None = None
+    top_token: Tensor | None = None
+    top_logprob: Tensor | None = None
 
 
 class PoolReadAttention:
@@ -138,9 +158,11 @@ def decode_forward(
     batch: DecodeBatch,
     pools: tuple[Tensor, Tensor, Tensor, Tensor],
     fused: bool = False,
+    key: KeyTensors | None = None,
 ) -> DecodeResult:
     """One token per row through prelude, `depth` loops and coda; reads pools, writes none.
-    `fused`: attention by the CPU kernel (see PoolReadAttention)."""
+    `fused`: attention by the CPU kernel (see PoolReadAttention). With `key` (the write indices
+    of `batch.slots`) the result also holds the K/V writes and the greedy token."""
     ctx = PoolReadAttention(pools, batch, model.cfg.n_layers_in_prelude, fused)
     rots = model.rotations(batch.positions)
     e = model.prelude(batch.ids, rots, ctx)
@@ -155,7 +177,20 @@ def decode_forward(
         return k[:, :, 0], v[:, :, 0]
 
     kv = stacked_kv(model, list(ctx.new), token_kv, range(depth))
-    return DecodeResult(logits, h[:, 0], *kv)
+    out = DecodeResult(logits, h[:, 0], *kv)
+    if key is not None:
+        out.writes = kv_writes(key, out, *write_rows(batch))
+        top = logits.max(-1)
+        out.top_token, out.top_logprob = top.indices, top.values - logits.logsumexp(-1)
+    return out
+
+
+def write_rows(batch: DecodeBatch) -> tuple[Tensor, Tensor]:
+    """The pool rows of a decode batch's new K/V: outer (B,), recurrent (S, B) (each row's
+    position is its length)."""
+    at = batch.lengths[:, None]
+    rec_at = at.expand(batch.rec_rows.shape[0], -1, -1)
+    return batch.outer_rows.gather(1, at)[:, 0], batch.rec_rows.gather(2, rec_at)[..., 0]
 
 
 def stacked_kv(
@@ -181,18 +216,19 @@ def decode_forward_single(
     batch: DecodeBatch,
     pools: tuple[Tensor, Tensor, Tensor, Tensor],
     fused: bool = False,
+    key: KeyTensors | None = None,
 ) -> DecodeResult:
     """`decode_forward` for a batch of exactly one row (one stream), compiled apart with
     SINGLE_ROW_OPTIONS (a function of its own, so its compiled code never mixes with the batched
     graph's)."""
-    return decode_forward(model, depth, batch, pools, fused)
+    return decode_forward(model, depth, batch, pools, fused, key)
 
 
 @dataclass
 class KeyTensors:
     """The index tensors of one decode key, built once: slots (T,) the slot of each loop;
-    last_loops, last_slots (S',) for each slot written, the last loop mapped to it (later loops
-    overwrite earlier ones' K/V in a shared slot); outer_base (P+C, 1) and rec_base (1, R, 1) the
+    last_loops, last_slots (S' >= 2,) for each slot written, the last loop mapped to it (later
+    loops overwrite earlier ones' K/V in a shared slot; one slot is listed twice); outer_base (P+C, 1) and rec_base (1, R, 1) the
     first row of each layer in the flattened pools."""
 
     slots: Tensor
@@ -205,34 +241,42 @@ class KeyTensors:
     def build(cls, cache: KVCache, slots: tuple[int, ...]) -> KeyTensors:
         device = cache.outer_k.device
         last = {s: t for t, s in enumerate(slots)}
+        if len(last) == 1:  # a compiler specialises size 1: write the one slot twice
+            last = {**last, -1: last[slots[0]]}
         n_outer, rows_o = cache.outer_k.shape[:2]
         n_rec, rows_r = cache.rec_k.shape[:2]
         return cls(
             torch.tensor(slots, device=device),
             torch.tensor(list(last.values()), device=device),
-            torch.tensor(list(last), device=device),
+            torch.tensor([slots[t] for t in last.values()], device=device),
             torch.arange(n_outer, device=device)[:, None] * rows_o,
             torch.arange(n_rec, device=device)[None, :, None] * rows_r,
         )
 
 
-def write_kv(
-    flat_pools: tuple[Tensor, Tensor, Tensor, Tensor],
-    key: KeyTensors,
-    out: DecodeResult,
-    outer_write: Tensor,
-    rec_write: Tensor,
-) -> None:
-    """Scatter a decode call's new K/V into the pools, each seen as one (layers * rows, heads *
-    hd) table (`flat_pools`, see `flat_views`): every outer layer at `outer_write` (B,) rows,
-    and for each slot the K/V of the last loop mapped to it at `rec_write[slot]` (S, B)."""
+def kv_writes(
+    key: KeyTensors, out: DecodeResult, outer_write: Tensor, rec_write: Tensor
+) -> KVWrites:
+    """A call's new K/V (`out`) as rows of the flattened pools: every outer layer at
+    `outer_write` (B,) rows, and for each slot the K/V of the last loop mapped to it at
+    `rec_write[slot]` (S, B)."""
+    outer_idx = (key.outer_base + outer_write).view(-1)  # (P+C) * B rows of the flat pool
+    rec_idx = (key.rec_base + rec_write.index_select(0, key.last_slots)[:, None, :]).view(-1)
+    n_o, n_r = len(outer_idx), len(rec_idx)
+    rec_k = out.rec_k.index_select(0, key.last_loops).reshape(n_r, -1)
+    rec_v = out.rec_v.index_select(0, key.last_loops).reshape(n_r, -1)
+    outer_k, outer_v = out.outer_k.reshape(n_o, -1), out.outer_v.reshape(n_o, -1)
+    return KVWrites(outer_idx, outer_k, outer_v, rec_idx, rec_k, rec_v)
+
+
+def write_kv(flat_pools: tuple[Tensor, Tensor, Tensor, Tensor], w: KVWrites) -> None:
+    """Copy `w` into the pools, each seen as one (layers * rows, heads * hd) table
+    (`flat_pools`, see `flat_views`)."""
     outer_k, outer_v, rec_k, rec_v = flat_pools
-    idx = (key.outer_base + outer_write).view(-1)  # (P+C) * B rows of the flattened pool
-    outer_k.index_copy_(0, idx, out.outer_k.reshape(len(idx), -1))
-    outer_v.index_copy_(0, idx, out.outer_v.reshape(len(idx), -1))
-    idx = (key.rec_base + rec_write.index_select(0, key.last_slots)[:, None, :]).view(-1)
-    rec_k.index_copy_(0, idx, out.rec_k.index_select(0, key.last_loops).reshape(len(idx), -1))
-    rec_v.index_copy_(0, idx, out.rec_v.index_select(0, key.last_loops).reshape(len(idx), -1))
+    outer_k.index_copy_(0, w.outer_idx, w.outer_k)
+    outer_v.index_copy_(0, w.outer_idx, w.outer_v)
+    rec_k.index_copy_(0, w.rec_idx, w.rec_k)
+    rec_v.index_copy_(0, w.rec_idx, w.rec_v)
 
 
 def pools_of(cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -294,7 +338,9 @@ class CompiledDecoder:
     def pools(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return pools_of(self.cache)
 
-    def __call__(self, depth: int, batch: DecodeBatch) -> DecodeResult:
+    def __call__(self, depth: int, batch: DecodeBatch, key: KeyTensors) -> DecodeResult:
+        """Decode `batch` at `depth`; `key`: the write indices of its slots (the result holds
+        the writes, except for rows padded to a CUDA graph bucket: `kv_writes` then)."""
         B, L = batch.outer_rows.shape
         # rows are padded only to CUDA graph buckets (a batch of one has its own graph, see
         # decode_forward_single)
@@ -304,12 +350,14 @@ class CompiledDecoder:
         else:
             padded = pad_batch(batch, B, L, S)
         fn = self._fn_single if B == 1 else self._fn
-        out = fn(self.model, depth, padded, self.pools, self.fused and self.fused_min_rows <= B)
-        if padded is not batch:
+        fused = self.fused and self.fused_min_rows <= B
+        out = fn(self.model, depth, padded, self.pools, fused, key)
+        if padded.lengths.shape[0] != B:  # writes of padding rows would land in row 0
             kv = (t[..., :B, :, :] for t in (out.outer_k, out.outer_v, out.rec_k, out.rec_v))
-            out = DecodeResult(out.logits[:B], out.h[:B], *kv)  # K/V: batch is the third-last axis
+            top = out.top_token[:B], out.top_logprob[:B]
+            out = DecodeResult(out.logits[:B], out.h[:B], *kv, None, *top)  # K/V: batch is 3rd-last
         if self.mode == "cudagraphs":  # the next replay reuses the output memory
-            out = DecodeResult(*(t.clone() for t in vars(out).values()))
+            out = cloned(out)
         return out
 
     def warm(self, depth: int) -> None:
@@ -321,9 +369,19 @@ class CompiledDecoder:
                 if self.mode == "cudagraphs":
                     for weight in derived_weights(self.model):
                         torch._dynamo.mark_static_address(weight)
+            key = KeyTensors.build(self.cache, (0,) * depth)
             for rows in (1, 2):  # one stream has a graph of its own (see decode_forward_single)
-                self(depth, dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows))
+                self(depth, dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows), key)
         self.ready.add(depth)
+
+
+def cloned(out: DecodeResult) -> DecodeResult:
+    """`out` with every tensor copied (a CUDA graph's outputs are overwritten by its next
+    replay)."""
+    fields = {k: v.clone() if isinstance(v, Tensor) else v for k, v in vars(out).items()}
+    if out.writes is not None:
+        fields["writes"] = KVWrites(*(t.clone() for t in vars(out.writes).values()))
+    return DecodeResult(**fields)
 
 
 def fused_attention_fits(cache: KVCache) -> bool:

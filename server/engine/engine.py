@@ -24,7 +24,13 @@ from parcae_serve.server.engine.decode_graph import configure_compiler
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
 from parcae_serve.server.engine.metrics import Metrics
 from parcae_serve.server.engine.runner import InFlight, ModelRunner
-from parcae_serve.server.engine.sampling import Sampled, SampleRow, prompt_scores, sample
+from parcae_serve.server.engine.sampling import (
+    Sampled,
+    SampleRow,
+    plain_greedy,
+    prompt_scores,
+    sample,
+)
 from parcae_serve.server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, Work
 from parcae_serve.server.engine.sequence import EngineRequest, Sequence, Speculation, StepOutput
 from parcae_serve.server.engine.speculative import Speculator
@@ -205,7 +211,7 @@ class Engine:
         compiled = [(g, k) for g, k in zip(groups, keys, strict=True) if k is not None]
         if compiled:  # whole tokens in one graph call per (depth, slots), finished at once
             done = [g for g, _ in compiled]
-            self._finish(done, self.runner.decode(done, [k for _, k in compiled]))
+            self._finish(done, *self.runner.decode(done, [k for _, k in compiled]))
             self.metrics.batch.observe(len(done))
             self.metrics.compiled_tokens.inc(len(done))
         eager = [g for g, k in zip(groups, keys, strict=True) if k is None]
@@ -232,9 +238,16 @@ class Engine:
         ids = torch.tensor(w.seq.tokens[w.start : w.end], device=device)
         return InFlight(w.seq, torch.arange(w.start, w.end), ids, w.seq.request.loops.depth)
 
-    def _finish(self, groups: list[InFlight], logits: torch.Tensor) -> None:
-        rows, to_sample, offset = [], [], 0
-        for g in groups:
+    def _finish(
+        self,
+        groups: list[InFlight],
+        logits: torch.Tensor,
+        greedy: list[tuple[int, float]] | None = None,
+    ) -> None:
+        """Account finished groups and sample the next token of those at their sequence's end.
+        `greedy`: per group, its last row's argmax and logprob (from a decode graph)."""
+        rows, to_sample, picks, offset = [], [], [], 0
+        for gi, g in enumerate(groups):
             n = len(g.positions)
             seq, end = g.seq, int(g.positions[-1]) + 1
             seq.in_flight, seq.computed = False, end
@@ -257,9 +270,10 @@ class Engine:
                 else:
                     rows.append(logits[offset + n - 1])
                     to_sample.append((seq, used[-1]))
+                    picks.append(greedy[gi] if greedy else None)
             offset += n
         if to_sample:
-            self._emit_samples(torch.stack(rows), to_sample)
+            self._emit_samples(rows, to_sample, picks)
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
         k = seq.request.sampling.prompt_logprobs
@@ -280,10 +294,23 @@ class Engine:
             )
         return SampleRow(p, seq.sample_gen, seq.tokens[: seq.num_prompt], output, banned)
 
-    def _emit_samples(self, logits: torch.Tensor, items: list[tuple[Sequence, int]]) -> None:
+    def _emit_samples(
+        self,
+        logits: list[torch.Tensor],
+        items: list[tuple[Sequence, int]],
+        picks: list[tuple[int, float] | None],
+    ) -> None:
+        """Sample and send one token per item from its logits row (V,); `picks`: the row's
+        argmax and logprob where a graph computed them, which plain greedy rows that report
+        no alternatives take as they are."""
         rows = [self._row(seq, seq.output) for seq, _ in items]
         now = time.monotonic()
-        for (seq, depth), s in zip(items, self._sample(logits, rows), strict=True):
+        if all(p is not None and plain_greedy(r) and not r.params.logprobs
+               for p, r in zip(picks, rows, strict=True)):  # fmt: skip
+            sampled = [Sampled(tok, logprob, []) for tok, logprob in picks]
+        else:
+            sampled = self._sample(torch.stack(logits), rows)
+        for (seq, depth), s in zip(items, sampled, strict=True):
             if isinstance(s, str):
                 self._complete(seq, StepOutput(finish_reason="error", error=s))
             else:

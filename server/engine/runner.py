@@ -24,7 +24,9 @@ from parcae_serve.server.engine.decode_graph import (
     KeyTensors,
     decode_key,
     flat_views,
+    kv_writes,
     write_kv,
+    write_rows,
 )
 from parcae_serve.server.engine.kv_cache import KVCache
 from parcae_serve.server.engine.paged_attention import AttentionGroup, PagedAttention
@@ -32,6 +34,7 @@ from parcae_serve.server.engine.sequence import Sequence
 from parcae_serve.server.engine.speculative_graph import SpeculativeGraphs
 
 NOISE_STRIDE = 1_000_003  # seed * stride + position: per-position h_0 noise streams
+NOISE_AHEAD = 32  # decode draws the h_0 of this many positions at once
 _uids = itertools.count()
 
 
@@ -108,42 +111,38 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(
         self, groups: list[InFlight], keys: list[DecodeKey], graphs: CompiledDecoder | None = None
-    ) -> Tensor:
+    ) -> tuple[Tensor, list[tuple[int, float]]]:
         """Run single-token groups through decode graphs (`graphs`, default the compiled ones;
         one call per key) and leave them done, as if they had looped; returns fp32 logits (N, V)
-        in the groups' order."""
+        in the groups' order and, from the graphs, each row's argmax and its logprob."""
         graphs = graphs or self.decoder
         logits: list[Tensor | None] = [None] * len(groups)
+        greedy: list[tuple[int, float]] = [(0, 0.0)] * len(groups)
         by_key: dict[DecodeKey, list[int]] = {}
         for i, key in enumerate(keys):
             by_key.setdefault(key, []).append(i)
         for key, members in by_key.items():
             tensors = self._tensors(key[1])
             rows = [groups[i] for i in members]
-            batch, outer_write, rec_write = self._decode_batch(rows, tensors.slots)
-            out = graphs(key[0], batch)
-            write_kv(self._flat_pools, tensors, out, outer_write, rec_write)
-            for j, i in enumerate(members):
+            batch = self._decode_batch(rows, tensors.slots)
+            out = graphs(key[0], batch, tensors)
+            write_kv(self._flat_pools, out.writes or kv_writes(tensors, out, *write_rows(batch)))
+            top = zip(out.top_token.tolist(), out.top_logprob.tolist(), strict=True)
+            for j, (i, best) in enumerate(zip(members, top, strict=True)):
                 g = groups[i]
                 g.h, g.loop, g.n_active = out.h[j : j + 1], g.depth, 1
                 g.active = torch.ones(1, dtype=torch.bool)
                 g.loops_used = torch.full((1,), g.depth, dtype=torch.long)
-                logits[i] = out.logits[j]
-        return torch.stack(logits)
+                logits[i], greedy[i] = out.logits[j], best
+        return torch.stack(logits), greedy
 
-    def _decode_batch(
-        self, groups: list[InFlight], slots: Tensor
-    ) -> tuple[DecodeBatch, Tensor, Tensor]:
-        """Graph inputs from the sequences' kept pool-row indices (never rebuilt per token),
-        and the rows the new K/V go to: outer (B,), recurrent (S, B)."""
+    def _decode_batch(self, groups: list[InFlight], slots: Tensor) -> DecodeBatch:
+        """Graph inputs from the sequences' kept pool-row indices (never rebuilt per token)."""
         tables = [g.seq.table for g in groups]
         starts = [int(g.positions[0]) for g in groups]
         outer_rows, rec_rows = self._pool_rows(tables, starts)
-        pos = torch.tensor(starts)
-        outer_write = outer_rows.gather(1, pos[:, None])[:, 0]
-        rec_write = rec_rows.gather(2, pos.expand(len(rec_rows), -1)[..., None])[..., 0]
-        positions = pos.to(self.device)
-        batch = DecodeBatch(
+        positions = torch.tensor(starts, device=self.device)
+        return DecodeBatch(
             ids=torch.cat([g.ids for g in groups]).view(-1, 1),
             positions=positions.view(-1, 1),
             h0=torch.cat([self._initial_state(g, self._like) for g in groups]).unsqueeze(1),
@@ -152,7 +151,6 @@ class ModelRunner:
             rec_rows=rec_rows.to(self.device),
             slots=slots,
         )
-        return batch, outer_write.to(self.device), rec_write.to(self.device)
 
     @staticmethod
     def _pool_rows(tables: list, last: list[int]) -> tuple[Tensor, Tensor]:
@@ -181,7 +179,9 @@ class ModelRunner:
         h0 = torch.stack([g.h for g in groups])
         batch, slots, outer_write, rec_write = self._chunk_batch(groups, depth, h0)
         out = self.spec_graphs.verify(depth, start, batch)
-        write_kv(self._flat_pools, self._tensors(slots[start:]), out, outer_write, rec_write)
+        write_kv(
+            self._flat_pools, kv_writes(self._tensors(slots[start:]), out, outer_write, rec_write)
+        )
         return out.logits
 
     @torch.inference_mode()
@@ -193,7 +193,7 @@ class ModelRunner:
         h0 = torch.stack([self._initial_state(g, self._like) for g in groups])
         batch, slots, outer_write, rec_write = self._chunk_batch(groups, depth, h0)
         out = self.spec_graphs.draft(depth, batch)
-        write_kv(self._flat_pools, self._tensors(slots), out, outer_write, rec_write)
+        write_kv(self._flat_pools, kv_writes(self._tensors(slots), out, outer_write, rec_write))
         return out.tokens.tolist(), out.h.view(len(groups), -1, out.h.shape[-1])
 
     def _chunk_batch(
@@ -250,12 +250,19 @@ class ModelRunner:
             return seq.last_h.clone()
         if self.model.cfg.state_init == "zero":
             return like.new_zeros(len(g.positions), self.model.cfg.d_rec)
-        rows = []
+        positions = g.positions.tolist()
+        first, ahead = seq.noise_ahead or (0, like[:0])
+        if len(positions) == 1 and first <= positions[0] < first + len(ahead):
+            return ahead[positions[0] - first][None]
+        if len(positions) == 1:  # decode: draw the next positions' h_0 too, in one burst
+            positions = list(range(positions[0], positions[0] + NOISE_AHEAD))
         # per-position noise streams: chunking, preemption and prefix hits draw the same h_0
-        for p in g.positions.tolist():
-            seq.state_gen.manual_seed((seq.noise_seed * NOISE_STRIDE + p) % 2**64)
-            rows.append(self.model.initial_state(1, 1, [seq.state_gen], like)[0, 0])
-        return torch.stack(rows)
+        seeds = [(seq.noise_seed * NOISE_STRIDE + p) % 2**64 for p in positions]
+        rows = self.model.seeded_states(seeds, seq.state_gen, like)
+        if len(positions) == NOISE_AHEAD and len(g.positions) == 1:
+            seq.noise_ahead = (positions[0], rows)
+            return rows[:1]
+        return rows
 
     # Stage B -------------------------------------------------------------------------------
     @torch.inference_mode()

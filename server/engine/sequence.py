@@ -91,6 +91,7 @@ class Sequence:
         # random without a seed, as in OpenAI's API.
         self.noise_seed = DEFAULT_NOISE_SEED if seed is None else seed
         self.state_gen = torch.Generator()  # h_0 noise, re-seeded per position (see runner)
+        self.noise_ahead: tuple[int, Tensor] | None = None  # h_0 of the next positions
         self.sample_gen = torch.Generator()
         if seed is None:
             self.sample_gen.seed()

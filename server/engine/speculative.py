@@ -126,7 +126,7 @@ class Speculator:
                 ids = torch.tensor([d.seq.tokens[pos]], device=device)
                 groups.append(InFlight(d.seq, torch.tensor([pos]), ids, depth))
             keys = [decode_key(depth, g.seq.table.slot) for g in groups]
-            logits = runner.decode(groups, keys, runner.graphs(depth)).float().cpu()
+            logits = runner.decode(groups, keys, runner.graphs(depth))[0].float().cpu()
             for d, g, row in zip(members, groups, logits, strict=True):
                 d.states.append(g.h[0])
                 d.seq.tokens.append(self._propose(d, row))

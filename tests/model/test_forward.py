@@ -99,3 +99,16 @@ def test_diagonal_injection_is_contractive_for_random_parameters() -> None:
             adapter.dt_bias.uniform_(-4, 4, generator=g)
         decay = adapter.decay()
         assert ((decay > 0) & (decay < 1)).all()
+
+
+@pytest.mark.parametrize("kind", ["like-init", "normal"])
+def test_seeded_states_draw_what_one_row_at_a_time_draws(kind: str) -> None:
+    """The engine's burst of h_0 rows (one seed each) equals drawing them one by one, including
+    rows whose truncated draw was redrawn (about a third of rows at this width)."""
+    model = Parcae(ParcaeConfig(n_embd=128, num_attention_heads=4, state_init=kind))
+    seeds, g = list(range(40)), torch.Generator()
+    rows = []
+    for seed in seeds:
+        g.manual_seed(seed)
+        rows.append(model.initial_state(1, 1, [g], torch.zeros(1))[0])
+    assert torch.equal(model.seeded_states(seeds, g, torch.zeros(1)), torch.cat(rows))

@@ -47,8 +47,9 @@ def run_all(eng: Engine, requests: list[EngineRequest]) -> list[tuple[list[int],
     return results
 
 
-def requests(depths: list[int], **loops) -> list[EngineRequest]:
-    params = SamplingParams(max_tokens=14, temperature=0, logprobs=1)
+def requests(depths: list[int], logprobs: int | None = 1, **loops) -> list[EngineRequest]:
+    """Greedy requests; without `logprobs` the graph's own argmax and logprob are the token's."""
+    params = SamplingParams(max_tokens=14, temperature=0, logprobs=logprobs)
     return [EngineRequest(list(p), params, LoopParams(d, **loops)) for p in PROMPTS for d in depths]
 
 
@@ -64,6 +65,8 @@ def test_decode_graph_equals_the_eager_runner_for_every_policy_and_depth(policy:
     reqs = requests(depths)
     ref, fast = engine(policy, "off", []), engine(policy, "eager", depths)
     try:
+        plain = requests(depths, logprobs=None)
+        assert_same(run_all(fast, plain), run_all(ref, plain))
         got = run_all(fast, reqs)
         assert_same(got, run_all(ref, reqs))
         # every token after the first (which comes out of prefill) went through the graph, and
@@ -98,6 +101,8 @@ def test_inductor_compiled_decode_equals_eager() -> None:
     try:
         assert_same(run_all(fast, reqs), run_all(ref, reqs))
         assert_same(run_all(fast, reqs[:1]), run_all(ref, reqs[:1]))  # one row: its own graph
+        plain = requests([2], logprobs=None)[:1]  # the token and logprob as the graph gives them
+        assert_same(run_all(fast, plain), run_all(ref, plain))
     finally:
         ref.stop()
         fast.stop()
