@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx.experimental._config
 from torch import Tensor
+from torch._dynamo.guards import CheckFunctionManager
 
 from parcae_serve.model.parcae import Parcae, derived_weights
 from parcae_serve.server.engine import cpu_kernels
@@ -42,6 +43,9 @@ def configure_compiler() -> None:
     # batch, context and slot counts must stay symbolic even when they happen to equal a model
     # dimension (duck sizing ties a context of 16 positions to a head size of 16)
     torch.fx.experimental._config.use_duck_shape = False
+    # the graphs' floats are model constants; a symbolic float restarts dynamo's analysis,
+    # which `aot_compile` cannot do
+    torch._dynamo.config.specialize_float = True
 
 
 configure_compiler()  # the importing thread
@@ -314,6 +318,10 @@ class CompiledDecoder:
         self.fused = fused_attention_fits(cache)
         self.fused_min_rows = 2
         self.ready: set[int] = set()
+        # inductor on the CPU: graphs compiled ahead, called without dynamo (see _graph)
+        self.ahead = mode == "inductor" and cache.outer_k.device.type == "cpu"
+        self._ahead: dict[tuple[int, bool, bool], Callable] = {}
+        self._checked: set[tuple] = set()
         model.requires_grad_(False)  # serving only: no autograd bookkeeping around the graph
         if mode in ("inductor", "cudagraphs"):
             # CUDA graphs are recorded per padded shape; the pools keep their address, so the
@@ -324,11 +332,16 @@ class CompiledDecoder:
                     torch._dynamo.mark_static_address(pool)
             self._fn = torch.compile(decode_forward, fullgraph=True, dynamic=True, options=options)
             self._fn_single = self._fn
-            if mode == "inductor" and cache.outer_k.device.type == "cpu":
+            if self.ahead:
                 single = {**options, **SINGLE_ROW_OPTIONS}
                 self._fn_single = torch.compile(
                     decode_forward_single, fullgraph=True, dynamic=True, options=single
                 )
+                ahead = {"guard_filter_fn": guards_ahead}
+                self._ahead_fns = {
+                    fn: torch.compile(fn, fullgraph=True, dynamic=True, options={**opts, **ahead})
+                    for fn, opts in ((decode_forward, options), (decode_forward_single, single))
+                }
         elif mode == "eager":
             self._fn = self._fn_single = decode_forward
         else:
@@ -349,9 +362,9 @@ class CompiledDecoder:
             padded = pad_batch(batch, bucket(B, BATCH_BUCKETS), bucket(L), S)
         else:
             padded = pad_batch(batch, B, L, S)
-        fn = self._fn_single if B == 1 else self._fn
         fused = self.fused and self.fused_min_rows <= B
-        out = fn(self.model, depth, padded, self.pools, fused, key)
+        args = (self.model, depth, padded, self.pools, fused, key)
+        out = self._graph(depth, B, S, key, args)(*args)
         if padded.lengths.shape[0] != B:  # writes of padding rows would land in row 0
             kv = (t[..., :B, :, :] for t in (out.outer_k, out.outer_v, out.rec_k, out.rec_v))
             top = out.top_token[:B], out.top_logprob[:B]
@@ -359,6 +372,31 @@ class CompiledDecoder:
         if self.mode == "cudagraphs":  # the next replay reuses the output memory
             out = cloned(out)
         return out
+
+    def _graph(self, depth: int, B: int, S: int, key: KeyTensors, args: tuple) -> Callable:
+        """The callable for these inputs. Dynamo checks ~100 guards on every call of a compiled
+        function (~0.15 ms a token on the reference shape, bench/RESULTS.md); a graph compiled
+        ahead (`aot_compile`) is called without them, its guards checked once per kind of
+        input (depth, one row or many, attention path, slot counts), where dynamo would have
+        specialised; inputs that fail them take dynamo's function, which compiles anew."""
+        fn = self._fn_single if B == 1 else self._fn
+        ahead = self._ahead.get((depth, B == 1, args[4]))
+        if ahead is None:
+            return fn
+        kind = (depth, B == 1, args[4], len(key.last_loops), S)
+        if kind not in self._checked:
+            if not ahead.guard_check(*args):
+                return fn
+            self._checked.add(kind)
+        return ahead
+
+    def _compile_ahead(self, depth: int, rows: int, key: KeyTensors) -> None:
+        batch = dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows)
+        fused = self.fused and self.fused_min_rows <= rows
+        fn = self._ahead_fns[decode_forward_single if rows == 1 else decode_forward]
+        compiled = fn.aot_compile(((self.model, depth, batch, self.pools, fused, key), {}))
+        compiled.disable_guard_check()  # checked in _graph instead
+        self._ahead[(depth, rows == 1, fused)] = compiled
 
     def warm(self, depth: int) -> None:
         """Compile `depth` by running it on dummy rows."""
@@ -371,6 +409,8 @@ class CompiledDecoder:
                         torch._dynamo.mark_static_address(weight)
             key = KeyTensors.build(self.cache, (0,) * depth)
             for rows in (1, 2):  # one stream has a graph of its own (see decode_forward_single)
+                if self.ahead and hasattr(self._fn, "aot_compile"):  # torch >= 2.10
+                    self._compile_ahead(depth, rows, key)
                 self(depth, dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows), key)
         self.ready.add(depth)
 
@@ -419,6 +459,17 @@ def keep_model_identity_guards(entries: list) -> list[bool]:
     model built."""
     keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
     return [k or e.name == "L['model']" for e, k in zip(entries, keep, strict=True)]
+
+
+def guards_ahead(entries: list) -> list[bool]:
+    """Guards of a graph compiled ahead: none on the model (each decoder keeps the graphs it
+    compiled for its model), and none `aot_compile` cannot serialise."""
+    keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
+    return [
+        k and not e.is_global and e.guard_type not in unsupported
+        for e, k in zip(entries, keep, strict=True)
+    ]
 
 
 COMPILE_OPTIONS = {

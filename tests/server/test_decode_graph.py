@@ -96,13 +96,17 @@ def test_rows_the_graph_cannot_run_take_the_eager_runner_in_the_same_batch() -> 
 def test_inductor_compiled_decode_equals_eager() -> None:
     """The real compiler, once (one depth serves every policy and batch size)."""
     torch._dynamo.reset()
-    reqs = requests([2])
-    ref, fast = engine("per-loop", "off", []), engine("per-loop", "inductor", [2])
+    reqs = requests([3])
+    ref, fast = engine("per-loop", "off", []), engine("per-loop", "inductor", [3])
     try:
         assert_same(run_all(fast, reqs), run_all(ref, reqs))
         assert_same(run_all(fast, reqs[:1]), run_all(ref, reqs[:1]))  # one row: its own graph
-        plain = requests([2], logprobs=None)[:1]  # the token and logprob as the graph gives them
+        plain = requests([3], logprobs=None)[:1]  # the token and logprob as the graph gives them
         assert_same(run_all(fast, plain), run_all(ref, plain))
+        # served by the graphs compiled ahead (no dynamo guards), whose guards held for three
+        # written slots though warm-up wrote one
+        checked = fast.runner.decoder._checked
+        assert {(3, True, False, 3, 3), (3, False, fast.runner.decoder.fused, 3, 3)} <= checked
     finally:
         ref.stop()
         fast.stop()
