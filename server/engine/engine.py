@@ -105,15 +105,17 @@ class Engine:
             self._thread.join(timeout=10)
 
     def compile_decode(self, depths: list[int], speculation: Speculation | None = None) -> None:
-        """Compile (warm up) the decode graphs of `depths` (one serves every KV policy), and
-        with `speculation` its draft depth and the verify graphs of each depth; call before
-        serving. Decode at other depths runs eagerly."""
+        """Compile (warm up) the decode and prefill graphs of `depths` (one serves every KV
+        policy), and with `speculation` its draft depth and the verify graphs of each depth;
+        call before serving. Other depths run eagerly."""
         if self.runner.decoder is None:
             return
         configure_compiler()
         drafts = [speculation.draft_depth] if speculation else []
         for depth in dict.fromkeys(depths + drafts):
             self.runner.decoder.warm(depth)
+        for depth in depths:
+            self.runner.spec_graphs.warm_prefill(depth)
         for depth in depths:
             if speculation and speculation.draft_depth < depth:
                 spec = speculation
@@ -214,7 +216,13 @@ class Engine:
             self._finish(done, *self.runner.decode(done, [k for _, k in compiled]))
             self.metrics.batch.observe(len(done))
             self.metrics.compiled_tokens.inc(len(done))
-        eager = [g for g, k in zip(groups, keys, strict=True) if k is None]
+        eager = []
+        for g in (g for g, k in zip(groups, keys, strict=True) if k is None):
+            if self.runner.can_prefill(g):  # a whole prefill chunk in one graph call
+                self._finish([g], self.runner.prefill(g))
+                self.metrics.compiled_prefill.inc(len(g.positions))
+            else:
+                eager.append(g)
         if eager:
             self.runner.prelude(eager)
             self.pool.extend(eager)

@@ -56,6 +56,9 @@ class Metrics:
         self.compiled_tokens = counter(
             "compiled_decode_tokens", "Decode tokens run by a compiled graph"
         )
+        self.compiled_prefill = counter(
+            "compiled_prefill_tokens", "Prompt tokens prefilled by a compiled graph"
+        )
         self.prefix_queries = counter(
             "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
         )

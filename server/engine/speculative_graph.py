@@ -232,6 +232,17 @@ class SpeculativeGraphs:
         B, L = batch.outer_rows.shape
         return pad_batch(batch, B, L, padded_slots(batch))
 
+    def warm_prefill(self, depth: int) -> None:
+        """Compile the prefill graph of `depth`: the verify graph from loop 0, for one row of
+        K >= 2 new tokens (K is dynamic)."""
+        if self._verify is None:
+            return
+        with torch.inference_mode():
+            batch = dummy_batch(self.cache, self.model.cfg.d_rec, depth, 1, ids=2, positions=2)
+            verify_forward(self.model, depth, 0, batch, self.pools)  # derived weights first
+            self.verify_ready.add((depth, 0))
+            self.verify(depth, 0, batch)
+
     def warm(self, depth: int, draft_depth: int, k: int) -> None:
         """Compile the verify graph of (depth, draft_depth) and the draft graph of
         (draft_depth, k) on dummy rows (one row and two)."""

@@ -73,6 +73,11 @@ def test_decode_graph_equals_the_eager_runner_for_every_policy_and_depth(policy:
         # so did one-token prefill chunks
         assert fast.metrics.compiled_tokens._value.get() >= sum(len(t) - 1 for t, _ in got)
         assert ref.metrics.compiled_tokens._value.get() == 0
+        # so did prefill chunks of two or more tokens (a step's budget of 5 prompt tokens is
+        # shared, so some chunks are single tokens; repeats hit the prefix cache), and their
+        # K/V served the decode tokens above
+        assert fast.metrics.compiled_prefill._value.get() >= len(depths) * (3 + 17) // 2
+        assert ref.metrics.compiled_prefill._value.get() == 0
     finally:
         ref.stop()
         fast.stop()
