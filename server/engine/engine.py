@@ -216,19 +216,20 @@ class Engine:
             self._finish(done, *self.runner.decode(done, [k for _, k in compiled]))
             self.metrics.batch.observe(len(done))
             self.metrics.compiled_tokens.inc(len(done))
-        eager = []
+        eager, prefilled = [], 0
         for g in (g for g, k in zip(groups, keys, strict=True) if k is None):
             if self.runner.can_prefill(g):  # a whole prefill chunk in one graph call
                 self._finish([g], self.runner.prefill(g))
-                self.metrics.compiled_prefill.inc(len(g.positions))
+                prefilled += len(g.positions)
             else:
                 eager.append(g)
+        self.metrics.compiled_prefill.inc(prefilled)
         if eager:
             self.runner.prelude(eager)
             self.pool.extend(eager)
         self._observe_gauges()
-        if not self.pool:
-            return bool(compiled or speculating) or bool(sched.waiting and sched.running)
+        if not self.pool:  # whether there is more to do at once
+            return bool(compiled or speculating or prefilled or (sched.waiting and sched.running))
         while True:
             looping = [g for g in self.pool if not g.done]
             if looping:

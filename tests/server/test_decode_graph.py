@@ -83,6 +83,23 @@ def test_decode_graph_equals_the_eager_runner_for_every_policy_and_depth(policy:
         fast.stop()
 
 
+def test_a_step_that_only_prefilled_keeps_the_engine_stepping() -> None:
+    """A step whose only work was a prefill chunk run by its graph has more to do at once (the
+    sequence's first token): the engine must not sleep until the next request (0.5 s)."""
+    eng = engine("per-loop", "eager", [2])
+    try:
+        request = EngineRequest([1, 2, 3, 4, 5, 6], SamplingParams(max_tokens=3), LoopParams(2))
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            eng.generate_sync(request)
+            times.append(time.perf_counter() - start)
+        assert eng.metrics.compiled_prefill._value.get() > 0
+        assert min(times) < 0.3
+    finally:
+        eng.stop()
+
+
 def test_rows_the_graph_cannot_run_take_the_eager_runner_in_the_same_batch() -> None:
     # depth 4 is not warmed up and exit rules loop eagerly: they share steps with graph rows
     reqs = requests([3, 4]) + requests([3], exit=RecurrenceExit("residual", 0.3, 1))
