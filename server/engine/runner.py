@@ -90,6 +90,7 @@ class ModelRunner:
         )
         self.spec_graphs = SpeculativeGraphs(model, cache, compile_mode)
         self._eager_decoder: CompiledDecoder | None = None
+        self._looped_rows: dict[int, tuple[Tensor, Tensor]] = {}
 
     # The compiled decode path --------------------------------------------------------------
     def compiled_key(self, g: InFlight) -> DecodeKey | None:
@@ -150,13 +151,23 @@ class ModelRunner:
             out = graphs(key[0], batch, tensors)
             write_kv(self._flat_pools, out.writes or kv_writes(tensors, out, *write_rows(batch)))
             top = zip(out.top_token.tolist(), out.top_logprob.tolist(), strict=True)
+            active, loops_used = self._looped(key[0])
             for j, (i, best) in enumerate(zip(members, top, strict=True)):
                 g = groups[i]
                 g.h, g.loop, g.n_active = out.h[j : j + 1], g.depth, 1
-                g.active = torch.ones(1, dtype=torch.bool)
-                g.loops_used = torch.full((1,), g.depth, dtype=torch.long)
+                g.active, g.loops_used = active, loops_used
                 logits[i], greedy[i] = out.logits[j], best
+        if len(by_key) == 1:  # one call, rows in the groups' order
+            return out.logits, greedy
         return torch.stack(logits), greedy
+
+    def _looped(self, depth: int) -> tuple[Tensor, Tensor]:
+        """A decoded token's `active` and `loops_used`, shared (read, never written, once the
+        group is done): two tensors fewer to build per token."""
+        if depth not in self._looped_rows:
+            looped = torch.ones(1, dtype=torch.bool), torch.full((1,), depth, dtype=torch.long)
+            self._looped_rows[depth] = looped
+        return self._looped_rows[depth]
 
     def _decode_batch(self, groups: list[InFlight], slots: Tensor) -> DecodeBatch:
         """Graph inputs from the sequences' kept pool-row indices (never rebuilt per token)."""
@@ -164,10 +175,11 @@ class ModelRunner:
         starts = [int(g.positions[0]) for g in groups]
         outer_rows, rec_rows = self._pool_rows(tables, starts)
         positions = torch.tensor(starts, device=self.device)
+        h0 = [self._initial_state(g, self._like) for g in groups]  # (1, d_rec) each
         return DecodeBatch(
             ids=torch.cat([g.ids for g in groups]).view(-1, 1),
             positions=positions.view(-1, 1),
-            h0=torch.cat([self._initial_state(g, self._like) for g in groups]).unsqueeze(1),
+            h0=(h0[0] if len(h0) == 1 else torch.cat(h0)).unsqueeze(1),
             lengths=positions,
             outer_rows=outer_rows.to(self.device),
             rec_rows=rec_rows.to(self.device),
