@@ -232,8 +232,9 @@ def decode_forward_single(
 class KeyTensors:
     """The index tensors of one decode key, built once: slots (T,) the slot of each loop;
     last_loops, last_slots (S' >= 2,) for each slot written, the last loop mapped to it (later
-    loops overwrite earlier ones' K/V in a shared slot; one slot is listed twice); outer_base (P+C, 1) and rec_base (1, R, 1) the
-    first row of each layer in the flattened pools."""
+    loops overwrite earlier ones' K/V in a shared slot; a lone slot is listed twice);
+    outer_base (P+C, 1) and rec_base (1, R, 1) the first row of each layer in the flattened
+    pools."""
 
     slots: Tensor
     last_loops: Tensor
