@@ -350,7 +350,7 @@ class Parcae(nn.Module):
         for g in generators:
             t = torch.empty(length, d)
             if kind == "like-init":
-                t = truncated_normal(t, math.sqrt(2 / (5 * d)), g) * self.cfg.embedding_scale
+                t = truncated_normal(t, self._like_init_std, g) * self.cfg.embedding_scale
             else:
                 t.normal_(generator=g)
                 if kind == "embed":
@@ -358,8 +358,12 @@ class Parcae(nn.Module):
                 elif kind == "unit":
                     t = (t - t.mean(-1, keepdim=True)) / t.std(-1, keepdim=True)
             rows.append(t)
-        h = rows[0][None] if len(rows) == 1 else torch.stack(rows)
-        return h.to(device=like.device, dtype=like.dtype)
+        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+
+    @property
+    def _like_init_std(self) -> float:
+        """The std of a "like-init" h_0 before the embedding scale (as the weights' init)."""
+        return math.sqrt(2 / (5 * self.cfg.d_rec))
 
     def seeded_states(self, seeds: list[int], generator: torch.Generator, like: Tensor) -> Tensor:
         """h_0 rows (N, d_rec), row i what `initial_state(1, 1, [generator], like)` draws right
@@ -371,7 +375,7 @@ class Parcae(nn.Module):
                 generator.manual_seed(seed)
                 rows.append(self.initial_state(1, 1, [generator], like)[0])
             return torch.cat(rows)
-        std = math.sqrt(2 / (5 * self.cfg.d_rec))
+        std = self._like_init_std
         t = torch.empty(len(seeds), self.cfg.d_rec)
         for row, seed in zip(t, seeds, strict=True):
             generator.manual_seed(seed)

@@ -190,11 +190,11 @@ def decode_forward(
 
 
 def write_rows(batch: DecodeBatch) -> tuple[Tensor, Tensor]:
-    """The pool rows of a decode batch's new K/V: outer (B,), recurrent (S, B) (each row's
-    position is its length)."""
-    at = batch.lengths[:, None]
+    """The pool rows of a batch's new K/V, those of its positions (B, K): outer (B*K,),
+    recurrent (S, B*K)."""
+    at = batch.positions
     rec_at = at.expand(batch.rec_rows.shape[0], -1, -1)
-    return batch.outer_rows.gather(1, at)[:, 0], batch.rec_rows.gather(2, rec_at)[..., 0]
+    return batch.outer_rows.gather(1, at).view(-1), batch.rec_rows.gather(2, rec_at).flatten(1)
 
 
 def stacked_kv(
@@ -365,7 +365,7 @@ class CompiledDecoder:
             padded = pad_batch(batch, B, L, S)
         fused = self.fused and self.fused_min_rows <= B
         args = (self.model, depth, padded, self.pools, fused, key)
-        out = self._graph(depth, B, S, key, args)(*args)
+        out = self._graph(depth, B, S, fused, key, args)(*args)
         if padded.lengths.shape[0] != B:  # writes of padding rows would land in row 0
             kv = (t[..., :B, :, :] for t in (out.outer_k, out.outer_v, out.rec_k, out.rec_v))
             top = out.top_token[:B], out.top_logprob[:B]
@@ -374,17 +374,19 @@ class CompiledDecoder:
             out = cloned(out)
         return out
 
-    def _graph(self, depth: int, B: int, S: int, key: KeyTensors, args: tuple) -> Callable:
+    def _graph(
+        self, depth: int, B: int, S: int, fused: bool, key: KeyTensors, args: tuple
+    ) -> Callable:
         """The callable for these inputs. Dynamo checks ~100 guards on every call of a compiled
         function (~0.15 ms a token on the reference shape, bench/RESULTS.md); a graph compiled
         ahead (`aot_compile`) is called without them, its guards checked once per kind of
         input (depth, one row or many, attention path, slot counts), where dynamo would have
         specialised; inputs that fail them take dynamo's function, which compiles anew."""
         fn = self._fn_single if B == 1 else self._fn
-        ahead = self._ahead.get((depth, B == 1, args[4]))
+        ahead = self._ahead.get((depth, B == 1, fused))
         if ahead is None:
             return fn
-        kind = (depth, B == 1, args[4], len(key.last_loops), S)
+        kind = (depth, B == 1, fused, len(key.last_loops), S)
         if kind not in self._checked:
             if not ahead.guard_check(*args):
                 return fn

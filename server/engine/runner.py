@@ -21,6 +21,7 @@ from parcae_serve.server.engine.decode_graph import (
     CompiledDecoder,
     DecodeBatch,
     DecodeKey,
+    DecodeResult,
     KeyTensors,
     decode_key,
     flat_views,
@@ -113,10 +114,7 @@ class ModelRunner:
         from loop 0: its prelude, all loops and coda over the chunk as one causal block, the
         past read from the pools), left done as if it had looped; returns fp32 logits (K, V).
         The eager runner takes ~600 ops for a 16-token chunk of the reference shape."""
-        h0 = self._initial_state(g, self._like)[None]  # (1, K, d_rec)
-        batch, slots, outer_write, rec_write = self._chunk_batch([g], g.depth, h0)
-        out = self.spec_graphs.verify(g.depth, 0, batch)
-        write_kv(self._flat_pools, kv_writes(self._tensors(slots), out, outer_write, rec_write))
+        out = self._verify_chunks([g], 0, self._initial_state(g, self._like)[None])
         n = len(g.positions)
         g.h, g.loop, g.n_active = out.h, g.depth, n
         g.active = torch.ones(n, dtype=torch.bool)
@@ -209,14 +207,16 @@ class ModelRunner:
         K consecutive positions of one sequence whose `h` (K, d_rec) holds the states after
         `start` loops; the groups share depth, K and loop slots. Writes their K/V for loops
         `start`.. and the outer layers; returns fp32 logits (B*K, V), group by group."""
+        return self._verify_chunks(groups, start, torch.stack([g.h for g in groups])).logits
+
+    def _verify_chunks(self, groups: list[InFlight], start: int, h0: Tensor) -> DecodeResult:
+        """Loops `start`.. and the coda of chunks of K positions (one per group, h0 (B, K,
+        d_rec) their states after `start` loops) in the verify graph; writes their K/V."""
         depth = groups[0].depth
-        h0 = torch.stack([g.h for g in groups])
-        batch, slots, outer_write, rec_write = self._chunk_batch(groups, depth, h0)
+        batch, slots = self._chunk_batch(groups, depth, h0)
         out = self.spec_graphs.verify(depth, start, batch)
-        write_kv(
-            self._flat_pools, kv_writes(self._tensors(slots[start:]), out, outer_write, rec_write)
-        )
-        return out.logits
+        write_kv(self._flat_pools, kv_writes(self._tensors(slots[start:]), out, *write_rows(batch)))
+        return out
 
     @torch.inference_mode()
     def draft(self, groups: list[InFlight], depth: int) -> tuple[list[list[int]], Tensor]:
@@ -225,22 +225,19 @@ class ModelRunner:
         Writes their K/V of loops < `depth`; returns the drafts (B lists of k) and the states
         after `depth` loops (B, k, d_rec)."""
         h0 = torch.stack([self._initial_state(g, self._like) for g in groups])
-        batch, slots, outer_write, rec_write = self._chunk_batch(groups, depth, h0)
+        batch, slots = self._chunk_batch(groups, depth, h0)
         out = self.spec_graphs.draft(depth, batch)
-        write_kv(self._flat_pools, kv_writes(self._tensors(slots), out, outer_write, rec_write))
+        write_kv(self._flat_pools, kv_writes(self._tensors(slots), out, *write_rows(batch)))
         return out.tokens.tolist(), out.h.view(len(groups), -1, out.h.shape[-1])
 
     def _chunk_batch(
         self, groups: list[InFlight], loops: int, h0: Tensor
-    ) -> tuple[DecodeBatch, tuple[int, ...], Tensor, Tensor]:
-        """Graph inputs for groups of K consecutive positions each, the loop slots of the first
-        `loops` loops, and the pool rows their new K/V go to: outer (B*K,), recurrent
-        (S, B*K)."""
+    ) -> tuple[DecodeBatch, tuple[int, ...]]:
+        """Graph inputs for groups of K consecutive positions each, and the loop slots of the
+        first `loops` loops."""
         tables = [g.seq.table for g in groups]
         pos = torch.stack([g.positions for g in groups])  # (B, K)
         outer_rows, rec_rows = self._pool_rows(tables, pos[:, -1].tolist())
-        outer_write = outer_rows.gather(1, pos).view(-1)
-        rec_write = rec_rows.gather(2, pos.expand(len(rec_rows), -1, -1)).flatten(1)
         slots = tuple(tables[0].slot(t) for t in range(loops))
         batch = DecodeBatch(
             ids=torch.stack([g.ids for g in groups]),
@@ -251,7 +248,7 @@ class ModelRunner:
             rec_rows=rec_rows.to(self.device),
             slots=torch.tensor(slots, device=self.device),
         )
-        return batch, slots, outer_write.to(self.device), rec_write.to(self.device)
+        return batch, slots
 
     def _tensors(self, slots: tuple[int, ...]) -> KeyTensors:
         """The kept index tensors of a K/V write to `slots` (one per loop written)."""
@@ -285,18 +282,19 @@ class ModelRunner:
         if self.model.cfg.state_init == "zero":
             return like.new_zeros(len(g.positions), self.model.cfg.d_rec)
         positions = g.positions.tolist()
-        first, ahead = seq.noise_ahead or (0, like[:0])
-        if len(positions) == 1 and first <= positions[0] < first + len(ahead):
-            return ahead[positions[0] - first][None]
-        if len(positions) == 1:  # decode: draw the next positions' h_0 too, in one burst
-            positions = list(range(positions[0], positions[0] + NOISE_AHEAD))
-        # per-position noise streams: chunking, preemption and prefix hits draw the same h_0
+        if len(positions) > 1:  # a prefill chunk
+            return self._noise(seq, positions, like)
+        p = positions[0]
+        first, ahead = seq.noise_ahead or (p, like[:0])
+        if not first <= p < first + len(ahead):  # decode: this and the next positions' h_0
+            first, ahead = seq.noise_ahead = (p, self._noise(seq, range(p, p + NOISE_AHEAD), like))
+        return ahead[p - first : p - first + 1]
+
+    def _noise(self, seq: Sequence, positions, like: Tensor) -> Tensor:
+        """h_0 of `positions` (N, d_rec), from per-position noise streams: chunking, preemption
+        and prefix hits draw the same h_0."""
         seeds = [(seq.noise_seed * NOISE_STRIDE + p) % 2**64 for p in positions]
-        rows = self.model.seeded_states(seeds, seq.state_gen, like)
-        if len(positions) == NOISE_AHEAD and len(g.positions) == 1:
-            seq.noise_ahead = (positions[0], rows)
-            return rows[:1]
-        return rows
+        return self.model.seeded_states(seeds, seq.state_gen, like)
 
     # Stage B -------------------------------------------------------------------------------
     @torch.inference_mode()
