@@ -305,6 +305,10 @@ class Parcae(nn.Module):
             hd: rope_table(hd, cfg.block_size, base, condense) for hd in {d // H, d_rec // H_rec}
         }
 
+    def rope_tables(self) -> list[Tensor]:
+        """The rotation tables, (block_size, head_dim // 2, 2) (cos, sin) per head size."""
+        return list(self._rope.values())
+
     # Layer bookkeeping ------------------------------------------------------------------------
     def _block(self, j: int) -> Block:
         part, i = layer_location(

@@ -20,6 +20,7 @@ not compiled) take the eager runner.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ def configure_compiler() -> None:
     # the graphs' floats are model constants; a symbolic float restarts dynamo's analysis,
     # which `aot_compile` cannot do
     torch._dynamo.config.specialize_float = True
+    # memory planning's allocation tree nests once per live buffer, and its passes recurse
+    # through it (~2,000 frames for 500 buffers; inductor itself asks for only 2,000)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 
 
 configure_compiler()  # the importing thread
@@ -339,9 +343,14 @@ class CompiledDecoder:
                     decode_forward_single, fullgraph=True, dynamic=True, options=single
                 )
                 ahead = {"guard_filter_fn": guards_ahead}
+                planned = {**single, **PLANNED_OPTIONS}
                 self._ahead_fns = {
-                    fn: torch.compile(fn, fullgraph=True, dynamic=True, options={**opts, **ahead})
-                    for fn, opts in ((decode_forward, options), (decode_forward_single, single))
+                    kind: torch.compile(fn, fullgraph=True, dynamic=True, options={**opts, **ahead})
+                    for kind, fn, opts in (
+                        ("batch", decode_forward, options),
+                        ("single", decode_forward_single, single),
+                        ("planned", decode_forward_single, planned),
+                    )
                 }
         elif mode == "eager":
             self._fn = self._fn_single = decode_forward
@@ -396,7 +405,8 @@ class CompiledDecoder:
     def _compile_ahead(self, depth: int, rows: int, key: KeyTensors) -> None:
         batch = dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows)
         fused = self.fused and self.fused_min_rows <= rows
-        fn = self._ahead_fns[decode_forward_single if rows == 1 else decode_forward]
+        kind = "batch" if rows > 1 else "planned" if depth <= PLANNED_MAX_DEPTH else "single"
+        fn = self._ahead_fns[kind]
         compiled = fn.aot_compile(((self.model, depth, batch, self.pools, fused, key), {}))
         compiled.disable_guard_check()  # checked in _graph instead
         self._ahead[(depth, rows == 1, fused)] = compiled
@@ -410,12 +420,22 @@ class CompiledDecoder:
                 if self.mode == "cudagraphs":
                     for weight in derived_weights(self.model):
                         torch._dynamo.mark_static_address(weight)
+                mark_fixed_shapes(self.model, self.pools)
             key = KeyTensors.build(self.cache, (0,) * depth)
             for rows in (1, 2):  # one stream has a graph of its own (see decode_forward_single)
                 if self.ahead and hasattr(self._fn, "aot_compile"):  # torch >= 2.10
                     self._compile_ahead(depth, rows, key)
                 self(depth, dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows), key)
         self.ready.add(depth)
+
+
+def mark_fixed_shapes(model: Parcae, pools: tuple[Tensor, ...]) -> None:
+    """Keep the shapes of tensors that never change while serving (the K/V pools, the rotation
+    tables) out of the graphs' symbolic sizes: with `dynamic=True` each of their dimensions
+    would be one more size argument, and the C++ wrapper boxes every size argument into a
+    tensor on every call (10 of the 17 on the reference shape)."""
+    for tensor in (*pools, *model.rope_tables()):
+        torch._dynamo.mark_static(tensor)
 
 
 def cloned(out: DecodeResult) -> DecodeResult:
@@ -489,6 +509,13 @@ SINGLE_ROW_OPTIONS = {
     "post_grad_fusion_options": {"decompose_mm_pass": {}},
     "cpp_wrapper": True,
 }
+# One row compiled ahead at a shallow depth: inductor's memory planning puts the graph's ~500
+# intermediates (reference shape, T=8) in one pool allocated once a call, instead of a malloc and
+# a free each: +8% tokens/s in-process (bench/RESULTS.md). Its planner is quadratic in the
+# buffers alive at once (compile, reference shape: T=8 61 -> 81 s, T=16 105 -> 294 s), so deeper
+# graphs, and graphs compiled on demand inside a request, go without it.
+PLANNED_OPTIONS = {"memory_planning": True}
+PLANNED_MAX_DEPTH = 8
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
