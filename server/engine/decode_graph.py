@@ -47,8 +47,9 @@ def configure_compiler() -> None:
     # the graphs' floats are model constants; a symbolic float restarts dynamo's analysis,
     # which `aot_compile` cannot do
     torch._dynamo.config.specialize_float = True
-    # memory planning's allocation tree nests once per live buffer, and its passes recurse
-    # through it (~2,000 frames for 500 buffers; inductor itself asks for only 2,000)
+    # memory planning's allocation tree nests once per live buffer and its passes recurse
+    # through it: a one-row graph of the reference shape at T=8 (~500 buffers) failed with
+    # RecursionError at the 2,000 frames inductor asks for
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 
 

@@ -10,6 +10,7 @@ its own; an exited token costs no more compute and writes no more K/V.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -290,7 +291,7 @@ class ModelRunner:
             first, ahead = seq.noise_ahead = (p, self._noise(seq, range(p, p + NOISE_AHEAD), like))
         return ahead[p - first : p - first + 1]
 
-    def _noise(self, seq: Sequence, positions, like: Tensor) -> Tensor:
+    def _noise(self, seq: Sequence, positions: Iterable[int], like: Tensor) -> Tensor:
         """h_0 of `positions` (N, d_rec), from per-position noise streams: chunking, preemption
         and prefix hits draw the same h_0."""
         seeds = [(seq.noise_seed * NOISE_STRIDE + p) % 2**64 for p in positions]
