@@ -5,7 +5,6 @@ prompt tokens in usage, and a chat template from a file (sandboxed)."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import running_server
+from tests.helpers import wait_for
 
 KEYS = ("key-one", "key-two")
 ORIGIN = "http://dashboard.test"
@@ -94,11 +94,10 @@ def test_request_ids_and_one_log_line_per_request(ops) -> None:
     unauthorized = complete(url, {"prompt": "x"}, "nope", **{"X-Request-Id": "trace-401"})
     assert (refused.status_code, unauthorized.status_code) == (400, 401)
     assert refused.headers["x-request-id"] == "trace-400"
-    # the access line is written after the response is sent: on a busy machine (tests run in
-    # parallel) the client can read the log before the last line is in it
-    deadline = time.monotonic() + 10
-    while "req=trace-401 " not in (text := log.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # the access line is written after the response is sent: on a busy machine the client can
+    # read the log before the last line is in it
+    wait_for(lambda: "req=trace-401 " in log.read_text())
+    text = log.read_text()
     line = next(x for x in text.splitlines() if "req=trace-42 " in x)
     assert re.search(r"POST /v1/completions 200 prompt=\d+ cached=0 completion=4 depth=3\.00 "
                      r"model=alpha@T3 \d+\.\dms$", line), line  # fmt: skip
