@@ -111,7 +111,13 @@ def test_the_largest_request_that_fits_is_served(server) -> None:
 
 @contextlib.contextmanager
 def watching(url: str, pid: int) -> Iterator[dict]:
-    """While the block runs: the slowest /health answer and the server's RSS growth (MiB)."""
+    """While the block runs: the slowest /health answer and the server's RSS growth (MiB).
+
+    `stall_bound_s` is what the slowest answer may take: 0.1 s, or three times the slowest
+    answer of a lead-in before the block where the machine is busier (other test workers).
+    A stalled event loop costs seconds here (tokenising or parsing megabytes), so the bound
+    still catches it, and it does not depend on how loaded the machine is.
+    """
     seen = {"health_s": [], "rss_mib": []}
     done = threading.Event()
 
@@ -133,15 +139,22 @@ def watching(url: str, pid: int) -> Iterator[dict]:
     rss0, hwm0 = vm("VmRSS"), vm("VmHWM")
     poller = threading.Thread(target=poll)
     poller.start()
-    time.sleep(0.1)
+    time.sleep(0.5)
+    lead_in = len(seen["health_s"])
     try:
         yield seen
     finally:
         time.sleep(0.1)
         done.set()
         poller.join()
-    seen["slowest_health_s"] = max(seen["health_s"])
+    seen["stall_bound_s"] = max(0.1, 3 * max(seen["health_s"][:lead_in]))
+    seen["slowest_health_s"] = max(seen["health_s"][lead_in:])
     seen["rss_growth_mib"] = max(max(seen["rss_mib"]) - rss0, vm("VmHWM") - hwm0)
+
+
+def assert_health_never_stalled(seen: dict) -> None:
+    slowest, bound = seen["slowest_health_s"], seen["stall_bound_s"]
+    assert slowest < bound, (slowest, bound)
 
 
 def ten_mb_chunks() -> Iterator[bytes]:
@@ -158,7 +171,7 @@ def test_ten_mb_body_is_refused_unread_without_stalling(server, declared: bool) 
         r = raw_post(server.url, "/v1/completions", body)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
-    assert seen["slowest_health_s"] < 0.1, seen["slowest_health_s"]
+    assert_health_never_stalled(seen)
     assert seen["rss_growth_mib"] < 200, seen["rss_growth_mib"]
 
 
@@ -186,7 +199,7 @@ def test_prompt_over_the_context_is_refused_before_tokenising(server) -> None:
             assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
             assert time.perf_counter() - start < 2
     streamer.join()
-    assert seen["slowest_health_s"] < 0.1, seen["slowest_health_s"]
+    assert_health_never_stalled(seen)
     assert max(stream_gaps[1:]) < 0.5, max(stream_gaps[1:])
 
 
@@ -198,7 +211,7 @@ def test_tokenising_runs_off_the_event_loop(server) -> None:
         took = time.perf_counter() - start
     assert r.status_code == 200 and r.json()["count"] > 300_000
     assert took > 0.5  # long enough that a stall would show
-    assert seen["slowest_health_s"] < 0.1, seen["slowest_health_s"]
+    assert_health_never_stalled(seen)
 
 
 def test_api_key_is_checked_before_the_body_is_read(tiny_model_dir) -> None:
