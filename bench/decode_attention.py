@@ -2,6 +2,7 @@
 inside the built-in model's compiled decode graph.
 
     python bench/decode_attention.py [--rounds 4] [--threads N] [--depth 6]
+                                     [--kv-cache-dtype float32|float16|bfloat16]
                                      [--out bench/out/decode_attention.json]
 
 One process, one engine, both variants compiled (CompiledDecoder.fused toggled; the kernel
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.fast_engine import cpu_name  # noqa: E402
 from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint  # noqa: E402
+from parcae_serve.server.api.app import DTYPES  # noqa: E402
 from parcae_serve.server.engine.decode_graph import DecodeBatch, KeyTensors  # noqa: E402
 from parcae_serve.server.engine.engine import Engine, EngineConfig  # noqa: E402
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy  # noqa: E402
@@ -42,8 +44,9 @@ BATCHES = (1, 32)
 
 
 def batch(B: int, L: int, depth: int, d_rec: int, block: int = 1024) -> DecodeBatch:
-    """B rows, row i with L - (7 i mod L/2) past positions in its own run of pool rows."""
-    rows = torch.stack([torch.arange(L) + i * block for i in range(B)])
+    """B rows, row i with L - (7 i mod L/2) past positions in its own run of pool rows (and
+    one row more: where its new token's K/V are written)."""
+    rows = torch.stack([torch.arange(L + 1) + i * block for i in range(B)])
     lengths = torch.tensor([L - (i * 7) % (L // 2) for i in range(B)])
     ids = torch.ones(B, 1, dtype=torch.long)
     return DecodeBatch(ids, lengths[:, None], torch.zeros(B, 1, d_rec), lengths, rows,
@@ -67,13 +70,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), default="float32",
+                        help="how the pools store K/V (the server's --kv-cache-dtype)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/decode_attention.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_checkpoint(builtin_checkpoint())
     sched = SchedulerConfig(max_batch=64, max_queue=64, prefill_chunk=512, max_context=2048)
     config = EngineConfig(sched, kv_policy=LoopSlotPolicy.parse("shared:1"),
-                          kv_cache_bytes=512 * 2**20, compile="inductor", threads=args.threads)  # fmt: skip
+                          kv_cache_bytes=512 * 2**20, compile="inductor", threads=args.threads,
+                          kv_cache_dtype=DTYPES[args.kv_cache_dtype])  # fmt: skip
     engine = Engine(model, config)
     decoder = engine.runner.decoder
     if not decoder.fused:
@@ -101,10 +107,11 @@ def main() -> None:
             rows.append({"batch": B, "context": L, "torch_ms": torch_ms, "kernel_ms": kernel_ms,
                          "speedup": torch_ms / kernel_ms})  # fmt: skip
     report = {"command": " ".join(sys.argv), "cpu": cpu_name(), "threads": args.threads,
-              "depth": args.depth, "rows": rows}  # fmt: skip
+              "depth": args.depth, "kv_cache_dtype": args.kv_cache_dtype, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{report['cpu']}, {args.threads} threads, T={args.depth}, ms per graph call (median)")
+    print(f"{report['cpu']}, {args.threads} threads, T={args.depth}, K/V {args.kv_cache_dtype}, "
+          "ms per graph call (median)")  # fmt: skip
     print("| rows | context | inductor attention | kernel | speed-up |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['context']} | {r['torch_ms']:.2f} | {r['kernel_ms']:.2f} | "

@@ -139,6 +139,7 @@ def build(state: ServerState) -> None:
         compile=compile_mode(s.compile, device),
         typical_depth=default_depth,
         threads=threads,
+        kv_cache_dtype=DTYPES.get(s.kv_cache_dtype),  # auto: None, the model's dtype
     )
     probe = load_exit_probe(model_dir, device, cfg.d_rec)
     frontier = Frontier.from_calibration(calibration, probe is not None)
@@ -168,7 +169,8 @@ def build(state: ServerState) -> None:
         speculative=speculation,
     )
     # published in /v1/models beside kv_policy: why it is in force (and up to which depth)
-    card: dict = {"kv_policy_reason": policy_reason}
+    card: dict = {"kv_policy_reason": policy_reason,
+                  "kv_cache_dtype": str(engine.cache.outer_k.dtype).removeprefix("torch.")}  # fmt: skip
     if policy.upto:
         card["kv_policy_max_depth"] = policy.upto
     card.update(depth_table(model_dir, calibration) or {})
@@ -179,7 +181,8 @@ def build(state: ServerState) -> None:
     state.service = CompletionService(engine, tokenizer, limits)
     state.chat = ChatService(state.service, template)
     state.ready = True
-    log.info("serving %s on %s (%s), kv policy %s", limits.model_name, device, dtype, policy)
+    log.info("serving %s on %s (%s, KV cache %s), kv policy %s", limits.model_name, device,
+             dtype, engine.cache.outer_k.dtype, policy)  # fmt: skip
 
 
 async def in_own_thread(fn: Callable[..., object], *args: object) -> object:

@@ -84,6 +84,13 @@ class ServerSettings(BaseSettings):
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="KV-cache pool size (default: a share of free memory)"
     )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="how the KV cache stores K/V (auto: the model's dtype). float16 or bfloat16 "
+        "halve the bytes a token's K/V takes, so the pool holds twice the tokens and decode "
+        "at long context reads half as much; attention still computes in the model's dtype "
+        "(or fp32), and own K/V are rounded as stored, so compiled and eager decode agree",
+    )
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     threads: int | None = Field(
         None,

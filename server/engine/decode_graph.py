@@ -137,15 +137,17 @@ class PoolReadAttention:
         return self.outer_k[layer], self.outer_v[layer], self.batch.outer_rows
 
     def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.new[key] = (k, v)
         pool_k, pool_v, rows = self._past(key)
+        # own K/V as the pool stores them, attended to and written as the eager path does
+        k, v = k.to(pool_k.dtype), v.to(pool_k.dtype)
+        self.new[key] = (k, v)
         B, H, _, hd = q.shape
         if self.fused:  # (B, H, 1, hd) -> (B, H, hd) and back
             out = cpu_kernels.decode_attention(
-                q[:, :, 0], k[:, :, 0], v[:, :, 0], pool_k, pool_v, rows, self.batch.lengths,
-                hd**-0.5,
+                q[:, :, 0].float(), k[:, :, 0], v[:, :, 0], pool_k, pool_v, rows,
+                self.batch.lengths, hd**-0.5,
             )  # fmt: skip
-            return out[:, :, None]
+            return out[:, :, None].to(q.dtype)
         Hkv = k.shape[1]
         g = H // Hkv
         qf = q.float().view(B, Hkv, g, hd) * hd**-0.5
@@ -318,9 +320,9 @@ class CompiledDecoder:
     def __init__(self, model: Parcae, cache: KVCache, mode: str) -> None:
         self.model, self.cache, self.mode = model, cache, mode
         # batches of 2+ rows attend with the CPU kernel where it is built; one row keeps
-        # inductor's attention: in the single-row graph each external call costs ~25 us,
-        # more than the kernel saves below ~700 positions (bench/decode_attention.py,
-        # bench/RESULTS.md)
+        # inductor's attention: in the single-row graph each external call costs ~25 us, and
+        # on a 2-core AMD EPYC the kernel's row was no faster even at 900 positions
+        # (bench/decode_attention.py, bench/RESULTS.md)
         self.fused = fused_attention_fits(cache)
         self.fused_min_rows = 2
         self.ready: set[int] = set()
@@ -404,7 +406,7 @@ class CompiledDecoder:
         return ahead
 
     def _compile_ahead(self, depth: int, rows: int, key: KeyTensors) -> None:
-        batch = dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows)
+        batch = dummy_batch(self.cache, self.model, depth, rows)
         fused = self.fused and self.fused_min_rows <= rows
         kind = "batch" if rows > 1 else "planned" if depth <= PLANNED_MAX_DEPTH else "single"
         fn = self._ahead_fns[kind]
@@ -416,7 +418,7 @@ class CompiledDecoder:
         """Compile `depth` by running it on dummy rows."""
         with torch.inference_mode():  # as when serving: inference tensors guard differently
             if not self.ready:  # derived weights (fused QKV, decay) built once, outside graphs
-                dummy = dummy_batch(self.cache, self.model.cfg.d_rec, depth, 2)
+                dummy = dummy_batch(self.cache, self.model, depth, 2)
                 decode_forward(self.model, depth, dummy, self.pools, self.fused)
                 if self.mode == "cudagraphs":
                     for weight in derived_weights(self.model):
@@ -426,7 +428,7 @@ class CompiledDecoder:
             for rows in (1, 2):  # one stream has a graph of its own (see decode_forward_single)
                 if self.ahead and hasattr(self._fn, "aot_compile"):  # torch >= 2.10
                     self._compile_ahead(depth, rows, key)
-                self(depth, dummy_batch(self.cache, self.model.cfg.d_rec, depth, rows), key)
+                self(depth, dummy_batch(self.cache, self.model, depth, rows), key)
         self.ready.add(depth)
 
 
@@ -448,11 +450,14 @@ def cloned(out: DecodeResult) -> DecodeResult:
     return DecodeResult(**fields)
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def fused_attention_fits(cache: KVCache) -> bool:
-    """Whether decode graphs over `cache` attend with the CPU kernel: fp32 pools on the CPU,
-    and the kernel built (`cpu_kernels.available`)."""
+    """Whether decode graphs over `cache` attend with the CPU kernel: pools on the CPU (fp32,
+    fp16 or bf16), and the kernel built (`cpu_kernels.available`)."""
     pool = cache.outer_k
-    return pool.device.type == "cpu" and pool.dtype == torch.float32 and cpu_kernels.available()
+    return pool.device.type == "cpu" and pool.dtype in KERNEL_DTYPES and cpu_kernels.available()
 
 
 def padded_slots(batch: DecodeBatch) -> int:
@@ -461,11 +466,12 @@ def padded_slots(batch: DecodeBatch) -> int:
 
 
 def dummy_batch(
-    cache: KVCache, d_rec: int, depth: int, B: int, ids: int = 1, positions: int = 1
+    cache: KVCache, model: Parcae, depth: int, B: int, ids: int = 1, positions: int = 1
 ) -> DecodeBatch:
     """B rows of `ids` tokens at `positions` positions that attend to nothing in the pools
-    (every past position masked): what warm-up compiles on."""
-    device, dtype = cache.outer_k.device, cache.outer_k.dtype
+    (every past position masked): what warm-up compiles on. States in the model's dtype (the
+    pools may store K/V in another, --kv-cache-dtype)."""
+    device, dtype, d_rec = cache.outer_k.device, next(model.parameters()).dtype, model.cfg.d_rec
     L = cache.block_size
 
     def zeros(*shape: int) -> Tensor:

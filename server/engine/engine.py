@@ -49,6 +49,7 @@ class EngineConfig:
     typical_depth: int | None = None  # the depth most requests run (default: mean_recurrence):
     # how the pool is split between outer and recurrent blocks
     threads: int | None = None  # CPU kernel threads of the engine thread (None: torch's default)
+    kv_cache_dtype: torch.dtype | None = None  # how the pools store K/V (None: the model's dtype)
 
 
 class Engine:
@@ -62,7 +63,7 @@ class Engine:
         """`exit_probe`: the checkpoint's learned exit (criterion "learned"), if it has one."""
         self.model, self.config = model, config
         self.metrics = metrics or Metrics()
-        dtype = next(model.parameters()).dtype
+        dtype = config.kv_cache_dtype or next(model.parameters()).dtype
         device = next(model.parameters()).device
         policy = config.kv_policy
         if isinstance(policy, str):

@@ -76,20 +76,23 @@ class PagedAttention:
         # than advanced indexing on the 3-D pool
         flat_k, flat_v = pool_k.flatten(1), pool_v.flatten(1)
         heads, hd = pool_k.shape[1:]
-        flat_k.index_copy_(0, self.write_rows, k[0].transpose(0, 1).reshape(-1, heads * hd))
-        flat_v.index_copy_(0, self.write_rows, v[0].transpose(0, 1).reshape(-1, heads * hd))
+        # the pool may store K/V in another dtype (--kv-cache-dtype): written rounded to it,
+        # read back in the model's
+        new_k, new_v = (t[0].transpose(0, 1).reshape(-1, heads * hd) for t in (k, v))
+        flat_k.index_copy_(0, self.write_rows, new_k.to(flat_k.dtype))
+        flat_v.index_copy_(0, self.write_rows, new_v.to(flat_v.dtype))
         outs = []
         if self.n_dec:
             B, L = self.dec_rows.shape
             idx = self.dec_rows.view(-1)
             qd = q[0, :, : self.n_dec].transpose(0, 1).unsqueeze(2)  # (B, H, 1, hd)
-            kd = flat_k.index_select(0, idx).view(B, L, heads, hd).transpose(1, 2)
-            vd = flat_v.index_select(0, idx).view(B, L, heads, hd).transpose(1, 2)
+            kd = flat_k.index_select(0, idx).view(B, L, heads, hd).transpose(1, 2).to(q.dtype)
+            vd = flat_v.index_select(0, idx).view(B, L, heads, hd).transpose(1, 2).to(q.dtype)
             od = sdpa(qd, kd, vd, mask=self.dec_mask)
             outs.append(od.squeeze(2).transpose(0, 1).unsqueeze(0))
         for offset, n, rows, mask in self.prefill:
             qp = q[:, :, offset : offset + n]
-            kp = flat_k.index_select(0, rows).view(-1, heads, hd).transpose(0, 1).unsqueeze(0)
-            vp = flat_v.index_select(0, rows).view(-1, heads, hd).transpose(0, 1).unsqueeze(0)
+            kp = flat_k.index_select(0, rows).view(-1, heads, hd).transpose(0, 1)[None].to(q.dtype)
+            vp = flat_v.index_select(0, rows).view(-1, heads, hd).transpose(0, 1)[None].to(q.dtype)
             outs.append(sdpa(qp, kp, vp, mask=mask))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

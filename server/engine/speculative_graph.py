@@ -57,9 +57,9 @@ class DraftReadAttention(PoolReadAttention):
         self.past = ~self.invalid[:, None, None, :, 0, 0]  # (B, 1, 1, L)
 
     def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        steps = self.steps.setdefault(key, [])
-        steps.append((k, v))
         pool_k, pool_v, rows = self._past(key)
+        steps = self.steps.setdefault(key, [])
+        steps.append((k.to(pool_k.dtype), v.to(pool_k.dtype)))  # as the pool stores them
         keys = torch.cat([pool_k[rows].transpose(1, 2)] + [s[0] for s in steps], 2).float()
         values = torch.cat([pool_v[rows].transpose(1, 2)] + [s[1] for s in steps], 2).float()
         B = q.shape[0]
@@ -135,8 +135,9 @@ class ChunkReadAttention(PoolReadAttention):
         self.mask = mask[:, None]  # (B, 1, K, L + K)
 
     def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.new[key] = (k, v)
         pool_k, pool_v, rows = self._past(key)
+        k, v = k.to(pool_k.dtype), v.to(pool_k.dtype)  # as the pool stores them
+        self.new[key] = (k, v)
         keys = torch.cat([pool_k[rows].transpose(1, 2).float(), k.float()], 2)
         values = torch.cat([pool_v[rows].transpose(1, 2).float(), v.float()], 2)
         return sdpa(q.float(), keys, values, mask=self.mask).to(q.dtype)
@@ -238,7 +239,7 @@ class SpeculativeGraphs:
         if self._verify is None:
             return
         with torch.inference_mode():
-            batch = dummy_batch(self.cache, self.model.cfg.d_rec, depth, 1, ids=2, positions=2)
+            batch = dummy_batch(self.cache, self.model, depth, 1, ids=2, positions=2)
             verify_forward(self.model, depth, 0, batch, self.pools)  # derived weights first
             self.verify_ready.add((depth, 0))
             self.verify(depth, 0, batch)
@@ -250,14 +251,14 @@ class SpeculativeGraphs:
             return
         with torch.inference_mode():
             # an eager call first builds the derived weights outside the graph (`frozen`)
-            d_rec = self.model.cfg.d_rec
-
             def chunk(B: int) -> DecodeBatch:
-                return dummy_batch(self.cache, d_rec, depth, B, ids=k, positions=k)
+                return dummy_batch(self.cache, self.model, depth, B, ids=k, positions=k)
 
             verify_forward(self.model, depth, draft_depth, chunk(2), self.pools)
             self.verify_ready.add((depth, draft_depth))
             self.draft_ready.add((draft_depth, k))
             for B in (1, 2):
                 self.verify(depth, draft_depth, chunk(B))
-                self.draft(draft_depth, dummy_batch(self.cache, d_rec, draft_depth, B, positions=k))
+                self.draft(
+                    draft_depth, dummy_batch(self.cache, self.model, draft_depth, B, positions=k)
+                )

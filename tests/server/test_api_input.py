@@ -113,10 +113,11 @@ def test_the_largest_request_that_fits_is_served(server) -> None:
 def watching(url: str, pid: int) -> Iterator[dict]:
     """While the block runs: the slowest /health answer and the server's RSS growth (MiB).
 
-    `stall_bound_s` is what the slowest answer may take: 0.1 s, or three times the slowest
-    answer of a lead-in before the block where the machine is busier (other test workers).
-    A stalled event loop costs seconds here (tokenising or parsing megabytes), so the bound
-    still catches it, and it does not depend on how loaded the machine is.
+    `stall_bound_s` is what the slowest answer may take: 0.25 s (parsing a few MB of JSON on
+    the event loop, as every ASGI framework does, takes tens of ms idle and several times that
+    beside other test workers), or three times the slowest answer of a lead-in before the block
+    where the machine is busier still. What the tests guard against, tokenising or reading
+    megabytes on the event loop, stalls it for seconds, so the bound still catches it.
     """
     seen = {"health_s": [], "rss_mib": []}
     done = threading.Event()
@@ -147,7 +148,7 @@ def watching(url: str, pid: int) -> Iterator[dict]:
         time.sleep(0.1)
         done.set()
         poller.join()
-    seen["stall_bound_s"] = max(0.1, 3 * max(seen["health_s"][:lead_in]))
+    seen["stall_bound_s"] = max(0.25, 3 * max(seen["health_s"][:lead_in]))
     seen["slowest_health_s"] = max(seen["health_s"][lead_in:])
     seen["rss_growth_mib"] = max(max(seen["rss_mib"]) - rss0, vm("VmHWM") - hwm0)
 

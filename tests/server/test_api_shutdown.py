@@ -42,11 +42,13 @@ def test_drain_grace_ends_running_requests_and_exits_zero(tiny_model_dir) -> Non
         assert wait_for(lambda: running(url) == 3, timeout=20)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(timeout=2 + 2) == 0
+        # the grace, then the process's own exit (seconds on a machine busy with other tests);
+        # that the requests were cut short, not waited for, is checked on their tokens below
+        assert server.proc.wait(timeout=2 + 8) == 0
         exited = time.monotonic()
         for w in workers:
             w.join(timeout=10)
-    assert exited - signalled < 2 + 2
+    assert exited - signalled < 2 + 8
     for i in range(2):
         lines = results[i]
         assert lines[-1] == "data: [DONE]"

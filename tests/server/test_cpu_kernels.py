@@ -78,6 +78,19 @@ def test_kernel_matches_softmax_attention(B, H, Hkv, D, L, lengths) -> None:
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_reads_half_precision_pools(dtype) -> None:
+    """K/V stored in half precision (--kv-cache-dtype): read as stored, computed in fp32."""
+    q, *kv, rows, lengths = inputs(3, 8, 2, 24, 300, [0, 130, 300])
+    kv = [t.to(dtype) for t in kv]
+    got = cpu_kernels.decode_attention(q, *kv, rows, lengths, 24**-0.5)
+    assert got.dtype == torch.float32
+    want = reference(q, *(t.float() for t in kv), rows, lengths)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="dtype"):  # own K/V not rounded as the pool stores
+        cpu_kernels.decode_attention(q, kv[0].float(), *kv[1:], rows, lengths, 1)
+
+
 def test_kernel_rejects_bad_input() -> None:
     q, k_self, v_self, pool_k, pool_v, rows, lengths = inputs(2, 4, 4, 16, 300, [300, 300])
     bad = rows.clone()

@@ -29,9 +29,9 @@ CFG = ParcaeConfig(
 PROMPTS = [[1, 5, 7], [2, 9, 11, 3, 4, 8, 20, 21, 22, 30, 31, 40, 41, 42, 43, 44, 45], [7]]
 
 
-def engine(policy: str, mode: str, depths: list[int]) -> Engine:
+def engine(policy: str, mode: str, depths: list[int], **kw) -> Engine:
     sched = SchedulerConfig(max_batch=8, prefill_chunk=5)
-    config = EngineConfig(sched, kv_policy=policy, kv_cache_bytes=4 * 2**20, compile=mode)
+    config = EngineConfig(sched, kv_policy=policy, kv_cache_bytes=4 * 2**20, compile=mode, **kw)
     eng = Engine(random_model(CFG), config)
     eng.compile_decode(depths)
     eng.start()
@@ -81,6 +81,30 @@ def test_decode_graph_equals_the_eager_runner_for_every_policy_and_depth(policy:
     finally:
         ref.stop()
         fast.stop()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_kv_cache_decodes_as_the_eager_runner(kv_dtype) -> None:
+    """--kv-cache-dtype: an fp32 model over fp16 / bf16 pools. The graph (with the CPU kernel
+    for batches) rounds its own K/V as the pools store them, so it matches the eager runner,
+    which writes them there and reads them back."""
+    depths = [2, 3]
+    reqs = requests(depths)
+    ref = engine("first:2", "off", [], kv_cache_dtype=kv_dtype)
+    fast = engine("first:2", "eager", depths, kv_cache_dtype=kv_dtype)
+    fp32 = engine("first:2", "off", [])
+    try:
+        assert fast.cache.outer_k.dtype == fast.cache.rec_k.dtype == kv_dtype
+        assert fast.runner.decoder.fused  # batches attend in the kernel, from half pools
+        got = run_all(fast, reqs)
+        assert_same(got, run_all(ref, reqs))
+        assert fast.metrics.compiled_tokens._value.get() >= sum(len(t) - 1 for t, _ in got)
+        # the rounding is real: an fp32 cache gives other logprobs
+        exact = run_all(fp32, reqs)
+        assert any(lp != ref_lp for (_, lp), (_, ref_lp) in zip(got, exact, strict=True))
+    finally:
+        for eng in (ref, fast, fp32):
+            eng.stop()
 
 
 def test_a_step_that_only_prefilled_keeps_the_engine_stepping() -> None:

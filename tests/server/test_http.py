@@ -362,6 +362,7 @@ def test_models_health_version(live_server: str) -> None:
     card = httpx.get(f"{live_server}/v1/models").json()["data"][0]
     assert card["recurrence"] == {"mean_recurrence": 3, "default_depth": 3, "max_depth": 32,
                                   "prelude": 1, "recurrent": 2, "coda": 1, "kv_policy": "per-loop",
-                                  "kv_policy_reason": "set by --kv-policy", "presets": {}}  # fmt: skip
+                                  "kv_policy_reason": "set by --kv-policy", "presets": {},
+                                  "kv_cache_dtype": "float32"}  # fmt: skip
     assert httpx.get(f"{live_server}/health").json() == {"status": "ok"}
     assert httpx.get(f"{live_server}/version").json()["version"]

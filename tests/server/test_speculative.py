@@ -31,11 +31,18 @@ def random_prompts(n: int, seed: int, vocab: int = 100) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    ("cfg", "compile_mode"), [(NOISY, "off"), (ZERO_INIT, "off"), (NOISY, "eager")]
+    ("cfg", "compile_mode", "kv_dtype"),
+    [
+        (NOISY, "off", None),
+        (ZERO_INIT, "off", None),
+        (NOISY, "eager", None),
+        (NOISY, "eager", torch.float16),
+    ],
 )
-def test_greedy_output_equals_plain_decoding_for_every_depth(cfg, compile_mode: str) -> None:
-    """Per-loop (exact) policy: every depth, draft depth and draft length, many prompts."""
-    engine = make_engine(cfg, compile=compile_mode, block_size=8)
+def test_greedy_output_equals_plain_decoding_for_every_depth(cfg, compile_mode, kv_dtype) -> None:
+    """Per-loop (exact) policy: every depth, draft depth and draft length, many prompts; with
+    a half-precision KV cache too (drafts and verification round K/V as the pool stores them)."""
+    engine = make_engine(cfg, compile=compile_mode, block_size=8, kv_cache_dtype=kv_dtype)
     try:
         rng = random.Random(1)
         for i, prompt in enumerate(random_prompts(16, seed=hash(compile_mode) % 100)):

@@ -1,10 +1,13 @@
 // Paged decode attention on the CPU: one query token per row attends to its past positions,
-// read in place from a paged K/V pool through per-row indices, and to its own fresh K/V.
+// read in place from a paged K/V pool through per-row indices, and to its own fresh K/V. The pool
+// (and the own K/V, rounded as the pool stores them) may be fp32, fp16 or bf16; queries, scores
+// and the output are fp32, so a half-precision pool halves the bytes read and nothing else.
 //
 // Why hand-written: inductor writes this gather-and-reduce as index arithmetic, a bounds check
 // and a horizontal sum per (position, head), ~150 cycles each; here a position costs one
 // contiguous dot product and one axpy per query head (measured in bench/RESULTS.md).
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional_bfloat16.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
@@ -21,22 +24,33 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// Vec::size() elements of a K/V row as fp32 (F16C / AVX-512 conversions for half types).
+inline Vec load_f32(const float* p) { return Vec::loadu(p); }
+template <typename T>
+inline Vec load_f32(const T* p) {
+  Vec out;
+  at::vec::load_to_float<T>(p, out);
+  return out;
+}
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   Vec acc(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size())
-    acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+    acc = at::vec::fmadd(Vec::loadu(a + i), load_f32(b + i), acc);
   float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
-inline void axpy(float a, const float* x, float* y, int64_t n) {
+template <typename T>
+inline void axpy(float a, const T* x, float* y, int64_t n) {
   const Vec av(a);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size())
-    at::vec::fmadd(av, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += a * x[i];
+    at::vec::fmadd(av, load_f32(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
 void check(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
@@ -46,54 +60,114 @@ void check(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dt
 }
 
 // Flash-decoding: each task takes one row's positions [begin, end) (position n is the row's own
-// token), visits each position's K and V once for all heads (a pool row holds every head's K
-// contiguously), and leaves an unnormalised partial result: per query head the max score m, the
-// sum of exp(score - m), and the exp-weighted sum of V. `merge` combines a row's chunks.
+// token) and leaves an unnormalised partial result: per query head the max score m, the sum of
+// exp(score - m), and the exp-weighted sum of V. `merge` combines a row's chunks. A chunk's K/V
+// rows (at most CHUNK of them, 128 KiB at 4 heads x 64 fp32) stay in L2 across its heads.
+template <typename T>
 struct Chunk {
-  const float* q;       // (H, D) the row's queries
-  const float* k_self;  // (Hkv, D)
-  const float* v_self;
+  const float* q;   // (H, D) the row's queries
+  const T* k_self;  // (Hkv, D)
+  const T* v_self;
   const int64_t* rows;  // the row's pool rows
   int64_t n, begin, end;
 };
 
+template <typename T>
 struct Shape {
-  const float *pool_k, *pool_v;
+  const T *pool_k, *pool_v;
   int64_t num_rows, H, Hkv, G, D;
   float scale;
 };
 
-void attend_chunk(const Chunk& c, const Shape& sh, float* m, float* sum, float* acc,
-                  std::vector<float>& scores) {
+constexpr int64_t POSITIONS = 8;  // scores computed together: independent FMA chains
+constexpr int64_t TILE = 4;       // output vectors a weighted-sum pass keeps in registers
+
+// s[p] = q . rows[p][0, D) for POSITIONS rows: one accumulator per row, so the FMAs of
+// different rows overlap instead of waiting on one chain (and one horizontal sum per row).
+template <typename T>
+inline void scores_block(const float* q, const T* const* rows, int64_t D, float* s) {
+  Vec a[POSITIONS];
+  for (int64_t p = 0; p < POSITIONS; ++p) a[p] = Vec(0.f);
+  int64_t d = 0;
+  for (; d + Vec::size() <= D; d += Vec::size()) {
+    const Vec qv = Vec::loadu(q + d);
+    for (int64_t p = 0; p < POSITIONS; ++p) a[p] = at::vec::fmadd(qv, load_f32(rows[p] + d), a[p]);
+  }
+  for (int64_t p = 0; p < POSITIONS; ++p) {
+    s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a[p]);
+    for (int64_t i = d; i < D; ++i) s[p] += q[i] * static_cast<float>(rows[p][i]);
+  }
+}
+
+// out[0, D) = sum_j w[j] * rows[j][0, D): TILE output vectors at a time stay in registers
+// while every row is visited (no load-add-store of the output per row).
+template <typename T>
+inline void weighted_sum(const float* w, const T* const* rows, int64_t len, int64_t D,
+                         float* out) {
+  constexpr int64_t V = Vec::size();
+  int64_t d = 0;
+  for (; d + TILE * V <= D; d += TILE * V) {
+    Vec r[TILE];
+    for (int64_t i = 0; i < TILE; ++i) r[i] = Vec(0.f);
+    for (int64_t j = 0; j < len; ++j) {
+      const Vec wj(w[j]);
+      for (int64_t i = 0; i < TILE; ++i)
+        r[i] = at::vec::fmadd(wj, load_f32(rows[j] + d + i * V), r[i]);
+    }
+    for (int64_t i = 0; i < TILE; ++i) r[i].store(out + d + i * V);
+  }
+  for (; d + V <= D; d += V) {
+    Vec r(0.f);
+    for (int64_t j = 0; j < len; ++j) r = at::vec::fmadd(Vec(w[j]), load_f32(rows[j] + d), r);
+    r.store(out + d);
+  }
+  for (; d < D; ++d) {
+    float r = 0.f;
+    for (int64_t j = 0; j < len; ++j) r += w[j] * static_cast<float>(rows[j][d]);
+    out[d] = r;
+  }
+}
+
+// Per task scratch, reused across its chunks.
+template <typename T>
+struct Scratch {
+  std::vector<float> scores;       // (H, len)
+  std::vector<const T*> k, v;      // the chunk's K and V rows, head 0
+  std::vector<const T*> k_h, v_h;  // the same, offset to one K/V head
+};
+
+template <typename T>
+void attend_chunk(const Chunk<T>& c, const Shape<T>& sh, float* m, float* sum, float* acc,
+                  Scratch<T>& x) {
   // len >= 1: the caller makes tasks of non-empty chunks only
   const int64_t H = sh.H, D = sh.D, G = sh.G, len = c.end - c.begin, row_size = sh.Hkv * D;
-  std::fill(acc, acc + H * D, 0.f);
-  auto k_of = [&](int64_t l) -> const float* {
-    if (l == c.n) return c.k_self;
+  x.k.resize(len), x.v.resize(len), x.k_h.resize(len), x.v_h.resize(len);
+  for (int64_t l = c.begin; l < c.end; ++l) {
+    if (l == c.n) {
+      x.k[l - c.begin] = c.k_self, x.v[l - c.begin] = c.v_self;
+      continue;
+    }
     const int64_t r = c.rows[l];
     TORCH_CHECK(r >= 0 && r < sh.num_rows, "pool row ", r, " out of range [0, ", sh.num_rows, ")");
-    return sh.pool_k + r * row_size;
-  };
-  // rows[l] was bounds-checked by k_of in the score pass over the same positions
-  auto v_of = [&](int64_t l) { return l == c.n ? c.v_self : sh.pool_v + c.rows[l] * row_size; };
-  scores.resize(H * len);  // (H, len)
-  for (int64_t l = c.begin; l < c.end; ++l) {
-    const float* k = k_of(l);
-    for (int64_t hq = 0; hq < H; ++hq)
-      scores[hq * len + (l - c.begin)] = dot(c.q + hq * D, k + (hq / G) * D, D) * sh.scale;
+    x.k[l - c.begin] = sh.pool_k + r * row_size, x.v[l - c.begin] = sh.pool_v + r * row_size;
   }
+  x.scores.resize(H * len);
   for (int64_t hq = 0; hq < H; ++hq) {
-    float* s = scores.data() + hq * len;
-    m[hq] = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s,
+    const int64_t off = (hq / G) * D;
+    const float* q = c.q + hq * D;
+    float* s = x.scores.data() + hq * len;
+    for (int64_t j = 0; j < len; ++j) x.k_h[j] = x.k[j] + off;
+    int64_t j = 0;
+    for (; j + POSITIONS <= len; j += POSITIONS) scores_block(q, &x.k_h[j], D, s + j);
+    for (; j < len; ++j) s[j] = dot(q, x.k_h[j], D);
+    at::vec::map([scale = sh.scale](Vec a) { return a * Vec(scale); }, s, s, len);
+    m[hq] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s,
                                        len);
     const float mh = m[hq];
-    at::vec::map([mh](Vec x) { return (x - Vec(mh)).exp_u20(); }, s, s, len);
-    sum[hq] = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s, len);
-  }
-  for (int64_t l = c.begin; l < c.end; ++l) {
-    const float* v = v_of(l);
-    for (int64_t hq = 0; hq < H; ++hq)
-      axpy(scores[hq * len + (l - c.begin)], v + (hq / G) * D, acc + hq * D, D);
+    at::vec::map([mh](Vec a) { return (a - Vec(mh)).exp_u20(); }, s, s, len);
+    sum[hq] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s, len);
+    for (int64_t i = 0; i < len; ++i) x.v_h[i] = x.v[i] + off;
+    weighted_sum(s, x.v_h.data(), len, D, acc + hq * D);
   }
 }
 
@@ -117,34 +191,18 @@ void merge(int64_t chunks, int64_t H, int64_t D, const float* m, const float* su
 
 constexpr int64_t CHUNK = 128;  // positions a task: a few tasks per thread at long context
 
-// q (B, H, D); k_self, v_self (B, Hkv, D); pool_k, pool_v (R, Hkv, D); rows (B, L) pool rows of
-// each row's past positions; lengths (B,) how many of them are real. Returns (B, H, D).
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                            const at::Tensor& pool_k, const at::Tensor& pool_v,
-                            const at::Tensor& rows_in, const at::Tensor& lengths_in,
-                            double scale) {
-  check(q_in, "q", 3, at::kFloat);
-  check(k_in, "k_self", 3, at::kFloat);
-  check(v_in, "v_self", 3, at::kFloat);
-  check(pool_k, "pool_k", 3, at::kFloat);
-  check(pool_v, "pool_v", 3, at::kFloat);
-  check(rows_in, "rows", 2, at::kLong);
-  check(lengths_in, "lengths", 1, at::kLong);
-  TORCH_CHECK(pool_k.is_contiguous() && pool_v.is_contiguous(), "pools must be contiguous");
-  TORCH_CHECK(pool_k.sizes() == pool_v.sizes(), "pool_k and pool_v differ in shape");
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const auto rows = rows_in.contiguous(), lengths = lengths_in.contiguous();
+// The body of decode_attention for pool element type T (inputs checked, contiguous).
+template <typename T>
+void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& pool_k, const at::Tensor& pool_v, const at::Tensor& rows,
+                 const at::Tensor& lengths, float scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), L = rows.size(1);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && pool_k.size(1) == Hkv && pool_k.size(2) == D && k.size(2) == D,
-              "head shapes disagree");
-  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && rows.size(0) == B && lengths.size(0) == B,
-              "batch sizes disagree");
-  auto out = at::empty_like(q);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *pk = pool_k.data_ptr<float>(), *pv = pool_v.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T *pk = pool_k.data_ptr<T>(), *pv = pool_v.data_ptr<T>();
   const int64_t *rp = rows.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  const Shape shape{pk, pv, pool_k.size(0), H, Hkv, H / Hkv, D, static_cast<float>(scale)};
+  const Shape<T> shape{pk, pv, pool_k.size(0), H, Hkv, H / Hkv, D, scale};
   // one task per non-empty chunk, so rows of different lengths spread over the threads
   std::vector<int64_t> first(B + 1, 0), row_of;
   for (int64_t b = 0; b < B; ++b) {
@@ -158,18 +216,54 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   auto sum = std::make_unique_for_overwrite<float[]>(tasks * H);
   auto acc = std::make_unique_for_overwrite<float[]>(tasks * H * D);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    Scratch<T> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = row_of[task], c = task - first[b];
       const int64_t n = std::clamp<int64_t>(lp[b], 0, L);
-      const Chunk chunk{qp + b * H * D, kp + b * Hkv * D, vp + b * Hkv * D, rp + b * L, n,
-                        c * CHUNK, std::min((c + 1) * CHUNK, n + 1)};
-      attend_chunk(chunk, shape, &m[task * H], &sum[task * H], &acc[task * H * D], scores);
+      const Chunk<T> chunk{qp + b * H * D, kp + b * Hkv * D, vp + b * Hkv * D, rp + b * L, n,
+                           c * CHUNK, std::min((c + 1) * CHUNK, n + 1)};
+      attend_chunk(chunk, shape, &m[task * H], &sum[task * H], &acc[task * H * D], scratch);
     }
   });
   for (int64_t b = 0; b < B; ++b)
     merge(first[b + 1] - first[b], H, D, &m[first[b] * H], &sum[first[b] * H],
           &acc[first[b] * H * D], op + b * H * D);
+}
+
+// q (B, H, D) fp32; k_self, v_self (B, Hkv, D) and pool_k, pool_v (R, Hkv, D) of one dtype: fp32,
+// fp16 or bf16; rows (B, L) pool rows of each row's past positions; lengths (B,) how many of them
+// are real. Returns (B, H, D) fp32.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const at::Tensor& pool_k, const at::Tensor& pool_v,
+                            const at::Tensor& rows_in, const at::Tensor& lengths_in,
+                            double scale) {
+  const auto kv = pool_k.scalar_type();
+  TORCH_CHECK(kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16,
+              "pool_k has dtype ", kv, "; expected Float, Half or BFloat16");
+  check(q_in, "q", 3, at::kFloat);
+  check(k_in, "k_self", 3, kv);
+  check(v_in, "v_self", 3, kv);
+  check(pool_k, "pool_k", 3, kv);
+  check(pool_v, "pool_v", 3, kv);
+  check(rows_in, "rows", 2, at::kLong);
+  check(lengths_in, "lengths", 1, at::kLong);
+  TORCH_CHECK(pool_k.is_contiguous() && pool_v.is_contiguous(), "pools must be contiguous");
+  TORCH_CHECK(pool_k.sizes() == pool_v.sizes(), "pool_k and pool_v differ in shape");
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto rows = rows_in.contiguous(), lengths = lengths_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && pool_k.size(1) == Hkv && pool_k.size(2) == D && k.size(2) == D,
+              "head shapes disagree");
+  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && rows.size(0) == B && lengths.size(0) == B,
+              "batch sizes disagree");
+  auto out = at::empty_like(q);
+  const float s = static_cast<float>(scale);
+  if (kv == at::kFloat)
+    attend_rows<float>(q, k, v, pool_k, pool_v, rows, lengths, s, out);
+  else if (kv == at::kHalf)
+    attend_rows<c10::Half>(q, k, v, pool_k, pool_v, rows, lengths, s, out);
+  else
+    attend_rows<c10::BFloat16>(q, k, v, pool_k, pool_v, rows, lengths, s, out);
   return out;
 }
 
