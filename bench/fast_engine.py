@@ -224,10 +224,14 @@ def builtin_section(machine: dict, rounds: int) -> dict:
     mixed = [T - 2, T, T + 2]
     flags = (*COMPILED, "--compile-depths", ",".join(map(str, mixed)))
     long_prompt = [(i * 7919) % 4000 + 10 for i in range(900)]
-    half = ("--kv-cache-dtype", "float16")
+    half = (*COMPILED, "--compile-depths", str(T), "--kv-cache-dtype", "float16")  # T only
+    logs = ROOT / "bench/out"
+    logs.mkdir(parents=True, exist_ok=True)
     with (
-        running_server(model_dir, *flags, timeout=1800) as server,
-        running_server(model_dir, *flags, *half, timeout=1800) as half_server,
+        running_server(model_dir, *flags, timeout=1800, log=logs / "builtin_fp32.log") as server,
+        running_server(
+            model_dir, *half, timeout=1800, log=logs / "builtin_fp16.log"
+        ) as half_server,
     ):
         stream_tps(server.url, [T], 8)
         one = [stream_tps(server.url, [T], 64) for _ in range(rounds)]

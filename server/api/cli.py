@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 
 from parcae_serve.server.api.openmp import spin_briefly_when_idle
 
@@ -75,5 +74,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    main()
+    main()  # SIGPIPE stays ignored (Python's default): a peer gone is an error, not a kill

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -174,6 +175,16 @@ def test_ten_mb_body_is_refused_unread_without_stalling(server, declared: bool) 
     assert r.json()["error"]["code"] == "request_too_large"
     assert_health_never_stalled(seen)
     assert seen["rss_growth_mib"] < 200, seen["rss_growth_mib"]
+
+
+def test_the_server_ignores_sigpipe(server) -> None:
+    """A write into a closed socket or a dead compile worker's pipe must be an error the
+    server handles, not a signal that kills it (`python -m ...cli` once restored SIGPIPE's
+    default, and a benchmark's server died of it while compiling)."""
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines()
+                       if line.startswith("SigIgn:")), 16)  # fmt: skip
+    assert ignored & (1 << (signal.SIGPIPE - 1))
 
 
 def test_prompt_over_the_context_is_refused_before_tokenising(server) -> None:

@@ -139,25 +139,6 @@ def test_rows_the_graph_cannot_run_take_the_eager_runner_in_the_same_batch() -> 
         fast.stop()
 
 
-def test_inductor_compiled_decode_equals_eager() -> None:
-    """The real compiler, once (one depth serves every policy and batch size)."""
-    torch._dynamo.reset()
-    reqs = requests([3])
-    ref, fast = engine("per-loop", "off", []), engine("per-loop", "inductor", [3])
-    try:
-        assert_same(run_all(fast, reqs), run_all(ref, reqs))
-        assert_same(run_all(fast, reqs[:1]), run_all(ref, reqs[:1]))  # one row: its own graph
-        plain = requests([3], logprobs=None)[:1]  # the token and logprob as the graph gives them
-        assert_same(run_all(fast, plain), run_all(ref, plain))
-        # served by the graphs compiled ahead (no dynamo guards), whose guards held for three
-        # written slots though warm-up wrote one
-        checked = fast.runner.decoder._checked
-        assert {(3, True, False, 3, 3), (3, False, fast.runner.decoder.fused, 3, 3)} <= checked
-    finally:
-        ref.stop()
-        fast.stop()
-
-
 def test_server_warms_its_decode_graphs_before_it_is_ready(tiny_model_dir) -> None:
     """`--compile` plumbing over HTTP: graphs for the listed depths exist before /health is
     200, serve the decode tokens of those depths, and change no output."""
@@ -217,11 +198,12 @@ def test_the_engine_thread_runs_its_kernels_on_the_configured_thread_count() -> 
     assert seen and set(seen) == {3}
 
 
-def test_graphs_compiled_in_one_thread_serve_another_without_recompiling() -> None:
-    """The server compiles in a start-up thread and decodes in the engine's thread; torch
-    keeps compiler settings per thread, so both must set them. Without that, the first
-    per-loop request at a depth whose slot count differs from the recurrent block's layer
-    count recompiled inside a request (12 s on a 140m-shaped model)."""
+def test_inductor_graphs_compiled_in_one_thread_equal_eager_in_another() -> None:
+    """The real compiler, once (one depth serves every policy and batch size). The server
+    compiles in a start-up thread and decodes in the engine's thread; torch keeps compiler
+    settings per thread, so both must set them. Without that, the first per-loop request at a
+    depth whose slot count differs from the recurrent block's layer count recompiled inside a
+    request (12 s on a 140m-shaped model)."""
     torch._dynamo.reset()
     depth = CFG.n_layers_in_recurrent_block + 1  # its slots must not equal the layer count
     sched = SchedulerConfig(max_batch=8, prefill_chunk=5)
@@ -235,13 +217,19 @@ def test_graphs_compiled_in_one_thread_serve_another_without_recompiling() -> No
     reqs = requests([depth])
     try:
         compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        assert_same(run_all(fast, reqs[:1]), run_all(ref, reqs[:1]))  # one row
         assert_same(run_all(fast, reqs), run_all(ref, reqs))  # batches
+        assert_same(run_all(fast, reqs[:1]), run_all(ref, reqs[:1]))  # one row: its own graph
+        plain = requests([depth], logprobs=None)[:1]  # the token and logprob the graph gives
+        assert_same(run_all(fast, plain), run_all(ref, plain))
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
         served = fast.metrics.registry.get_sample_value(
             "parcae_compiled_decode_tokens_total", {"model_name": ""}
         )
         assert served >= 13 * len(reqs)  # by the graphs, not the eager fallback
+        # served by the graphs compiled ahead (no dynamo guards), whose guards held for three
+        # written slots though warm-up wrote one
+        checked, fused = fast.runner.decoder._checked, fast.runner.decoder.fused
+        assert {(depth, True, False, 3, 3), (depth, False, fused, 3, 3)} <= checked
     finally:
         ref.stop()
         fast.stop()
