@@ -63,7 +63,9 @@ class ServerSettings(BaseSettings):
         "auto", description="cuda when present, else cpu"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights and cache dtype (auto: bfloat16 on cuda, float32 on cpu)"
+        "auto",
+        description="weights dtype, and the KV cache's unless --kv-cache-dtype says otherwise "
+        "(auto: bfloat16 on cuda, float32 on cpu)",
     )
     max_batch: int = Field(64, ge=1, description="sequences computed at once")
     max_context: int | None = Field(None, ge=2, description="context limit (default: the model's)")

@@ -334,7 +334,7 @@ class CompiledDecoder:
         if mode in ("inductor", "cudagraphs"):
             # CUDA graphs are recorded per padded shape; the pools keep their address, so the
             # graphs read them in place instead of copying them into static buffers
-            options = {**COMPILE_OPTIONS, "triton.cudagraphs": mode == "cudagraphs"}
+            options = {**compile_options(model, cache), "triton.cudagraphs": mode == "cudagraphs"}
             if mode == "cudagraphs":
                 for pool in self.pools:
                     torch._dynamo.mark_static_address(pool)
@@ -506,6 +506,19 @@ COMPILE_OPTIONS = {
     "guard_filter_fn": keep_model_identity_guards,
     "cpp.weight_prepack": False,  # measured: MKL's packed GEMM costs more than plain mm at M<=32
 }
+
+
+def compile_options(model: Parcae, cache: KVCache) -> dict:
+    """COMPILE_OPTIONS, and where the pools store K/V in another dtype than the model's
+    (--kv-cache-dtype) `emulate_precision_casts`: the graphs round a token's own K/V to the
+    pool's dtype and read them back (`k.to(fp16).float()`), and by default inductor drops
+    such a round trip (its C++ code reuses the fp32 value, Triton computes in fp32), so the
+    compiled path would attend to unrounded K/V where the eager runner reads rounded ones."""
+    if cache.outer_k.dtype == next(model.parameters()).dtype:
+        return dict(COMPILE_OPTIONS)
+    return {**COMPILE_OPTIONS, "emulate_precision_casts": True}
+
+
 # One row on the CPU: with the batch a constant 1 every matmul is a matrix-vector product, which
 # inductor then writes (weight dimensions up to 2048; larger ones stay BLAS) as a vectorised
 # dot-product loop fused with its neighbours instead of calling `mm` (~9 us of dispatch each,

@@ -26,11 +26,11 @@ from torch import Tensor
 
 from parcae_serve.model.parcae import Parcae, sdpa
 from parcae_serve.server.engine.decode_graph import (
-    COMPILE_OPTIONS,
     SINGLE_ROW_OPTIONS,
     DecodeBatch,
     DecodeResult,
     PoolReadAttention,
+    compile_options,
     dummy_batch,
     pad_batch,
     padded_slots,
@@ -198,11 +198,12 @@ class SpeculativeGraphs:
         self.draft_ready: set[tuple[int, int]] = set()
         self._verify = self._verify_single = self._draft = self._draft_single = None
         if mode in ("inductor", "cudagraphs"):  # CUDA graphs are not recorded for these (yet)
-            options = {"fullgraph": True, "dynamic": True, "options": COMPILE_OPTIONS}
+            compiler = compile_options(model, cache)
+            options = {"fullgraph": True, "dynamic": True, "options": compiler}
             self._verify = self._verify_single = torch.compile(verify_forward, **options)
             self._draft = self._draft_single = torch.compile(draft_forward, **options)
             if mode == "inductor" and cache.outer_k.device.type == "cpu":
-                single = {**options, "options": {**COMPILE_OPTIONS, **SINGLE_ROW_OPTIONS}}
+                single = {**options, "options": {**compiler, **SINGLE_ROW_OPTIONS}}
                 self._verify_single = torch.compile(verify_forward_single, **single)
                 self._draft_single = torch.compile(draft_forward_single, **single)
         elif mode == "eager":  # the graphs' code uncompiled (tests, debugging)
