@@ -136,10 +136,14 @@ class PoolReadAttention:
         layer = key[1] if key[0] == "prelude" else self.n_prelude + key[1]
         return self.outer_k[layer], self.outer_v[layer], self.batch.outer_rows
 
+    def _as_stored(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The call's own K/V rounded as the pools store them (--kv-cache-dtype): what graphs
+        attend to and write is what the eager runner writes and reads back."""
+        return k.to(self.outer_k.dtype), v.to(self.outer_k.dtype)
+
     def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         pool_k, pool_v, rows = self._past(key)
-        # own K/V as the pool stores them, attended to and written as the eager path does
-        k, v = k.to(pool_k.dtype), v.to(pool_k.dtype)
+        k, v = self._as_stored(k, v)
         self.new[key] = (k, v)
         B, H, _, hd = q.shape
         if self.fused:  # (B, H, 1, hd) -> (B, H, hd) and back

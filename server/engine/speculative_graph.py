@@ -59,7 +59,7 @@ class DraftReadAttention(PoolReadAttention):
     def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         pool_k, pool_v, rows = self._past(key)
         steps = self.steps.setdefault(key, [])
-        steps.append((k.to(pool_k.dtype), v.to(pool_k.dtype)))  # as the pool stores them
+        steps.append(self._as_stored(k, v))
         keys = torch.cat([pool_k[rows].transpose(1, 2)] + [s[0] for s in steps], 2).float()
         values = torch.cat([pool_v[rows].transpose(1, 2)] + [s[1] for s in steps], 2).float()
         B = q.shape[0]
@@ -136,7 +136,7 @@ class ChunkReadAttention(PoolReadAttention):
 
     def attend(self, key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         pool_k, pool_v, rows = self._past(key)
-        k, v = k.to(pool_k.dtype), v.to(pool_k.dtype)  # as the pool stores them
+        k, v = self._as_stored(k, v)
         self.new[key] = (k, v)
         keys = torch.cat([pool_k[rows].transpose(1, 2).float(), k.float()], 2)
         values = torch.cat([pool_v[rows].transpose(1, 2).float(), v.float()], 2)

@@ -44,13 +44,12 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
-template <typename T>
-inline void axpy(float a, const T* x, float* y, int64_t n) {
+inline void axpy(float a, const float* x, float* y, int64_t n) {
   const Vec av(a);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size())
-    at::vec::fmadd(av, load_f32(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
+    at::vec::fmadd(av, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += a * x[i];
 }
 
 void check(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
@@ -82,28 +81,30 @@ struct Shape {
 constexpr int64_t POSITIONS = 8;  // scores computed together: independent FMA chains
 constexpr int64_t TILE = 4;       // output vectors a weighted-sum pass keeps in registers
 
-// s[p] = q . rows[p][0, D) for POSITIONS rows: one accumulator per row, so the FMAs of
+// s[p] = q . rows[p][off, off + D) for POSITIONS rows: one accumulator per row, so the FMAs of
 // different rows overlap instead of waiting on one chain (and one horizontal sum per row).
 template <typename T>
-inline void scores_block(const float* q, const T* const* rows, int64_t D, float* s) {
+inline void scores_block(const float* q, const T* const* rows, int64_t off, int64_t D,
+                         float* s) {
   Vec a[POSITIONS];
   for (int64_t p = 0; p < POSITIONS; ++p) a[p] = Vec(0.f);
   int64_t d = 0;
   for (; d + Vec::size() <= D; d += Vec::size()) {
     const Vec qv = Vec::loadu(q + d);
-    for (int64_t p = 0; p < POSITIONS; ++p) a[p] = at::vec::fmadd(qv, load_f32(rows[p] + d), a[p]);
+    for (int64_t p = 0; p < POSITIONS; ++p)
+      a[p] = at::vec::fmadd(qv, load_f32(rows[p] + off + d), a[p]);
   }
   for (int64_t p = 0; p < POSITIONS; ++p) {
     s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a[p]);
-    for (int64_t i = d; i < D; ++i) s[p] += q[i] * static_cast<float>(rows[p][i]);
+    for (int64_t i = d; i < D; ++i) s[p] += q[i] * static_cast<float>(rows[p][off + i]);
   }
 }
 
-// out[0, D) = sum_j w[j] * rows[j][0, D): TILE output vectors at a time stay in registers
-// while every row is visited (no load-add-store of the output per row).
+// out[0, D) = sum_j w[j] * rows[j][off, off + D): TILE output vectors at a time stay in
+// registers while every row is visited (no load-add-store of the output per row).
 template <typename T>
-inline void weighted_sum(const float* w, const T* const* rows, int64_t len, int64_t D,
-                         float* out) {
+inline void weighted_sum(const float* w, const T* const* rows, int64_t len, int64_t off,
+                         int64_t D, float* out) {
   constexpr int64_t V = Vec::size();
   int64_t d = 0;
   for (; d + TILE * V <= D; d += TILE * V) {
@@ -112,18 +113,19 @@ inline void weighted_sum(const float* w, const T* const* rows, int64_t len, int6
     for (int64_t j = 0; j < len; ++j) {
       const Vec wj(w[j]);
       for (int64_t i = 0; i < TILE; ++i)
-        r[i] = at::vec::fmadd(wj, load_f32(rows[j] + d + i * V), r[i]);
+        r[i] = at::vec::fmadd(wj, load_f32(rows[j] + off + d + i * V), r[i]);
     }
     for (int64_t i = 0; i < TILE; ++i) r[i].store(out + d + i * V);
   }
   for (; d + V <= D; d += V) {
     Vec r(0.f);
-    for (int64_t j = 0; j < len; ++j) r = at::vec::fmadd(Vec(w[j]), load_f32(rows[j] + d), r);
+    for (int64_t j = 0; j < len; ++j)
+      r = at::vec::fmadd(Vec(w[j]), load_f32(rows[j] + off + d), r);
     r.store(out + d);
   }
   for (; d < D; ++d) {
     float r = 0.f;
-    for (int64_t j = 0; j < len; ++j) r += w[j] * static_cast<float>(rows[j][d]);
+    for (int64_t j = 0; j < len; ++j) r += w[j] * static_cast<float>(rows[j][off + d]);
     out[d] = r;
   }
 }
@@ -131,9 +133,8 @@ inline void weighted_sum(const float* w, const T* const* rows, int64_t len, int6
 // Per task scratch, reused across its chunks.
 template <typename T>
 struct Scratch {
-  std::vector<float> scores;       // (H, len)
-  std::vector<const T*> k, v;      // the chunk's K and V rows, head 0
-  std::vector<const T*> k_h, v_h;  // the same, offset to one K/V head
+  std::vector<float> scores;   // (H, len)
+  std::vector<const T*> k, v;  // the chunk's K and V rows (every head)
 };
 
 template <typename T>
@@ -141,7 +142,7 @@ void attend_chunk(const Chunk<T>& c, const Shape<T>& sh, float* m, float* sum, f
                   Scratch<T>& x) {
   // len >= 1: the caller makes tasks of non-empty chunks only
   const int64_t H = sh.H, D = sh.D, G = sh.G, len = c.end - c.begin, row_size = sh.Hkv * D;
-  x.k.resize(len), x.v.resize(len), x.k_h.resize(len), x.v_h.resize(len);
+  x.k.resize(len), x.v.resize(len);
   for (int64_t l = c.begin; l < c.end; ++l) {
     if (l == c.n) {
       x.k[l - c.begin] = c.k_self, x.v[l - c.begin] = c.v_self;
@@ -156,18 +157,16 @@ void attend_chunk(const Chunk<T>& c, const Shape<T>& sh, float* m, float* sum, f
     const int64_t off = (hq / G) * D;
     const float* q = c.q + hq * D;
     float* s = x.scores.data() + hq * len;
-    for (int64_t j = 0; j < len; ++j) x.k_h[j] = x.k[j] + off;
     int64_t j = 0;
-    for (; j + POSITIONS <= len; j += POSITIONS) scores_block(q, &x.k_h[j], D, s + j);
-    for (; j < len; ++j) s[j] = dot(q, x.k_h[j], D);
+    for (; j + POSITIONS <= len; j += POSITIONS) scores_block(q, &x.k[j], off, D, s + j);
+    for (; j < len; ++j) s[j] = dot(q, x.k[j] + off, D);
     at::vec::map([scale = sh.scale](Vec a) { return a * Vec(scale); }, s, s, len);
     m[hq] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s,
                                        len);
     const float mh = m[hq];
     at::vec::map([mh](Vec a) { return (a - Vec(mh)).exp_u20(); }, s, s, len);
     sum[hq] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s, len);
-    for (int64_t i = 0; i < len; ++i) x.v_h[i] = x.v[i] + off;
-    weighted_sum(s, x.v_h.data(), len, D, acc + hq * D);
+    weighted_sum(s, x.v.data(), len, off, D, acc + hq * D);
   }
 }
 
