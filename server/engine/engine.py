@@ -23,6 +23,7 @@ from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.decode_graph import configure_compiler
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
 from parcae_serve.server.engine.metrics import Metrics
+from parcae_serve.server.engine.relay import LoopSink, OutputRelay, deliver
 from parcae_serve.server.engine.runner import InFlight, ModelRunner
 from parcae_serve.server.engine.sampling import (
     Sampled,
@@ -84,6 +85,8 @@ class Engine:
         self.wake = threading.Event()
         self.pool: list[InFlight] = []
         self._thread: threading.Thread | None = None
+        self._relay: OutputRelay | None = None
+        self._outbox: list[tuple[Callable[[StepOutput], None], StepOutput]] = []
         self._stop = False
         self.pending = 0  # submitted and not yet finished (read by the SIGTERM drain)
         self._pending_lock = threading.Lock()
@@ -96,6 +99,7 @@ class Engine:
         a multi-threaded torch (OpenMP) pool alive meanwhile (load and compile in a thread that
         ends, or at one thread): with more OpenMP threads than cores, libgomp stops spinning
         and the engine steps ~5x slower (bench/RESULTS.md, "Decode attention")."""
+        self._relay = OutputRelay()
         self._thread = threading.Thread(target=self._run, name="parcae-engine", daemon=True)
         self._thread.start()
 
@@ -104,6 +108,8 @@ class Engine:
         self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._relay is not None:
+            self._relay.stop()
 
     def compile_decode(self, depths: list[int], speculation: Speculation | None = None) -> None:
         """Compile (warm up) the decode and prefill graphs of `depths` (one serves every KV
@@ -135,8 +141,10 @@ class Engine:
                 self._fail_all(f"engine error: {err!r}")
                 busy = False
             if not busy:
+                self._hand_over()
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
+        self._hand_over()
 
     # Submission (any thread) ------------------------------------------------------------------
     def capacity_tokens(self, depth: int, policy: LoopSlotPolicy | None = None) -> int:
@@ -173,7 +181,7 @@ class Engine:
         sequence with an iterator over its outputs; leaving the iterator early aborts it."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
-        seq = self.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        seq = self.submit(request, LoopSink(loop, outputs))
         return seq, self._outputs(seq, outputs)
 
     async def _outputs(
@@ -206,31 +214,37 @@ class Engine:
             if not seq.preemptions:  # a readmission after preemption is not queueing time
                 self.metrics.queue_time.observe(seq.admitted_at - seq.arrival)
         work = sched.plan()
+        # the last step's outputs leave as this step's compute starts (_hand_over says why)
         speculating = [w for w in work if w.speculate]
         if speculating:  # whole draft-verify rounds (one token or more each)
+            self._hand_over()
             self._speculate(speculating)
         groups = [self._in_flight(w) for w in work if not w.speculate]
         keys = [self.runner.compiled_key(g) for g in groups]
         compiled = [(g, k) for g, k in zip(groups, keys, strict=True) if k is not None]
         if compiled:  # whole tokens in one graph call per (depth, slots), finished at once
             done = [g for g, _ in compiled]
-            self._finish(done, *self.runner.decode(done, [k for _, k in compiled]))
+            graph_keys = [k for _, k in compiled]
+            self._finish(done, *self.runner.decode(done, graph_keys, before_graph=self._hand_over))
             self.metrics.batch.observe(len(done))
             self.metrics.compiled_tokens.inc(len(done))
         eager, prefilled = [], 0
         for g in (g for g, k in zip(groups, keys, strict=True) if k is None):
             if self.runner.can_prefill(g):  # a whole prefill chunk in one graph call
+                self._hand_over()
                 self._finish([g], self.runner.prefill(g))
                 prefilled += len(g.positions)
             else:
                 eager.append(g)
         self.metrics.compiled_prefill.inc(prefilled)
         if eager:
+            self._hand_over()
             self.runner.prelude(eager)
             self.pool.extend(eager)
         self._observe_gauges()
         if not self.pool:  # whether there is more to do at once
             return bool(compiled or speculating or prefilled or (sched.waiting and sched.running))
+        self._hand_over()
         while True:
             looping = [g for g in self.pool if not g.done]
             if looping:
@@ -416,11 +430,27 @@ class Engine:
             self.metrics.tpot.observe(tpot)
         self._send(seq, out)
 
-    @staticmethod
-    def _send(seq: Sequence, out: StepOutput) -> None:
+    def _send(self, seq: Sequence, out: StepOutput) -> None:
+        """Queue `out` for its reader; it leaves at the next hand-over."""
         out.total_loops, out.positions = seq.total_loops, seq.positions_run
         out.draft_tokens, out.accepted_tokens = seq.draft_tokens, seq.accepted_tokens
-        seq.emit(out)
+        self._outbox.append((seq.emit, out))
+
+    def _hand_over(self) -> None:
+        """Send the queued outputs to their readers: through the relay thread, or here when
+        the engine runs without its threads. Called just before the next compute (the decode
+        graph's call, where it releases the GIL) or before the engine idles: the readers' event
+        loop then formats the tokens while the graph runs instead of taking the GIL from the
+        engine's Python before it (relay.py; one stream over HTTP, reference shape, interleaved
+        servers: 241 tok/s handing over from this thread as each token was sampled, 252 at the
+        start of the next step, 271 just before the graph call)."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        if self._relay is not None:
+            self._relay.send(batch)
+        else:
+            deliver(batch)
 
     # Inbox, aborts, gauges -----------------------------------------------------------------------
     def _drain_inbox(self) -> None:

@@ -10,7 +10,7 @@ its own; an exited token costs no more compute and writes no more K/V.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -132,11 +132,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(
-        self, groups: list[InFlight], keys: list[DecodeKey], graphs: CompiledDecoder | None = None
+        self,
+        groups: list[InFlight],
+        keys: list[DecodeKey],
+        graphs: CompiledDecoder | None = None,
+        before_graph: Callable[[], None] | None = None,
     ) -> tuple[Tensor, list[tuple[int, float]]]:
         """Run single-token groups through decode graphs (`graphs`, default the compiled ones;
         one call per key) and leave them done, as if they had looped; returns fp32 logits (N, V)
-        in the groups' order and, from the graphs, each row's argmax and its logprob."""
+        in the groups' order and, from the graphs, each row's argmax and its logprob.
+        `before_graph`: called right before the first graph call (the engine hands its queued
+        outputs over there, while the graph runs without the GIL)."""
         graphs = graphs or self.decoder
         logits: list[Tensor | None] = [None] * len(groups)
         greedy: list[tuple[int, float]] = [(0, 0.0)] * len(groups)
@@ -147,6 +153,8 @@ class ModelRunner:
             tensors = self._tensors(key[1])
             rows = [groups[i] for i in members]
             batch = self._decode_batch(rows, tensors.slots)
+            if before_graph is not None:
+                before_graph()
             out = graphs(key[0], batch, tensors)
             write_kv(self._flat_pools, out.writes or kv_writes(tensors, out, *write_rows(batch)))
             top = zip(out.top_token.tolist(), out.top_logprob.tolist(), strict=True)

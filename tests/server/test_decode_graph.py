@@ -184,14 +184,20 @@ def test_the_engine_thread_runs_its_kernels_on_the_configured_thread_count() -> 
     before = torch.get_num_threads()  # torch also keeps a process-wide count: restored below
     config = EngineConfig(SchedulerConfig(max_batch=2), kv_cache_bytes=2**20, threads=3)
     eng = Engine(random_model(CFG), config)
+    step = eng.step
+
+    def counted_step() -> bool:  # runs in the engine's thread
+        seen.append(omp_threads_here())
+        return step()
+
+    eng.step = counted_step
     eng.start()
     try:
         params = SamplingParams(max_tokens=2, temperature=0)
+        done = threading.Event()
         request = EngineRequest([1, 2], params, LoopParams(2))
-        eng.submit(request, lambda out: seen.append(omp_threads_here()))
-        deadline = time.monotonic() + 30
-        while len(seen) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eng.submit(request, lambda out: out.finish_reason and done.set())
+        assert done.wait(30)
     finally:
         eng.stop()
         torch.set_num_threads(before)
