@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from parcae_serve.server.engine.sequence import StepOutput
 
-__all__ = ["LoopSink", "OutputRelay"]
+__all__ = ["LoopSink", "OutputRelay", "deliver"]
 
 log = logging.getLogger(__name__)
 
