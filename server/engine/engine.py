@@ -110,6 +110,7 @@ class Engine:
             self._thread.join(timeout=10)
         if self._relay is not None:
             self._relay.stop()
+            self._relay = None  # stepped by hand from now on: outputs go out as they are sent
 
     def compile_decode(self, depths: list[int], speculation: Speculation | None = None) -> None:
         """Compile (warm up) the decode and prefill graphs of `depths` (one serves every KV
@@ -431,26 +432,31 @@ class Engine:
         self._send(seq, out)
 
     def _send(self, seq: Sequence, out: StepOutput) -> None:
-        """Queue `out` for its reader; it leaves at the next hand-over."""
+        """Queue `out` for its reader; it leaves at the next hand-over. An engine stepped by
+        hand (not started, or stopped) has no hand-over to wait for: `out` goes at once, so a
+        caller that steps until its output arrives sees it after the step that made it."""
         out.total_loops, out.positions = seq.total_loops, seq.positions_run
         out.draft_tokens, out.accepted_tokens = seq.draft_tokens, seq.accepted_tokens
-        self._outbox.append((seq.emit, out))
+        if self._relay is None:
+            deliver([(seq.emit, out)])
+        else:
+            self._outbox.append((seq.emit, out))
 
     def _hand_over(self) -> None:
-        """Send the queued outputs to their readers: through the relay thread, or here when
-        the engine runs without its threads. Called just before the next compute (the decode
-        graph's call, where it releases the GIL) or before the engine idles: the readers' event
-        loop then formats the tokens while the graph runs instead of taking the GIL from the
-        engine's Python before it (relay.py; one stream over HTTP, reference shape, interleaved
-        servers: 241 tok/s handing over from this thread as each token was sampled, 252 at the
-        start of the next step, 271 just before the graph call)."""
+        """Send the queued outputs to their readers through the relay thread. Called just
+        before the next compute (the decode graph's call, where it releases the GIL) or before
+        the engine idles: the readers' event loop then formats the tokens while the graph runs
+        instead of taking the GIL from the engine's Python before it (relay.py; one stream over
+        HTTP, reference shape, interleaved servers: 241 tok/s handing over from this thread as
+        each token was sampled, 252 at the start of the next step, 271 just before the graph
+        call)."""
         if not self._outbox:
             return
-        batch, self._outbox = self._outbox, []
-        if self._relay is not None:
-            self._relay.send(batch)
-        else:
+        batch, self._outbox, relay = self._outbox, [], self._relay
+        if relay is None:  # stopped while this thread was still stepping (join timed out)
             deliver(batch)
+        else:
+            relay.send(batch)
 
     # Inbox, aborts, gauges -----------------------------------------------------------------------
     def _drain_inbox(self) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from parcae_serve.server.engine.engine import Engine
 from parcae_serve.server.engine.relay import LoopSink, OutputRelay, deliver
 from parcae_serve.server.engine.sequence import StepOutput
-from tests.server.test_engine import greedy, make_engine
+from tests.helpers import random_model
+from tests.server.test_engine import ZERO_INIT, greedy, make_engine
 
 
 class CountingLoop:
@@ -88,3 +90,24 @@ def test_the_engine_thread_hands_its_outputs_to_the_relay() -> None:
         assert engine.pending == 0
     finally:
         engine.stop()
+
+
+def test_an_engine_stepped_by_hand_delivers_each_output_in_the_step_that_made_it() -> None:
+    """Never started, or stopped: no relay and no idle hand-over, so a caller stepping until
+    its last output arrives must see it (an output left queued there would loop forever)."""
+    stopped = make_engine()
+    stopped.stop()  # from here on, stepped by hand
+    never_started = Engine(random_model(ZERO_INIT), stopped.config)
+    for engine in (never_started, stopped):
+        seen: list[tuple[str, StepOutput]] = []
+
+        def emit(out: StepOutput, into: list = seen) -> None:
+            into.append((threading.current_thread().name, out))
+
+        engine.submit(greedy(3, max_tokens=4), emit)
+        for _ in range(50):  # 4 tokens take a handful of steps
+            engine.step()
+            if seen and seen[-1][1].finish_reason is not None:
+                break
+        assert [o.finish_reason for _, o in seen] == [None] * 3 + ["length"]
+        assert {name for name, _ in seen} == {threading.current_thread().name}
