@@ -9,9 +9,11 @@ whole-sequence forward (prefill) would not show.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor
 
 from parcae_serve.model.exit_probe import ExitProbe
 from parcae_serve.model.parcae import Parcae
@@ -65,29 +67,60 @@ def teacher_forced_nll(
         seq.table = cache.new_table(depth, b"eval")
         assert cache.ensure(seq.table, length)
         seqs.append(seq)
-    total_nll, loops, start, token_nll = 0.0, 0, time.perf_counter(), []
-    for p in range(length - 1):
-        groups = [
-            InFlight(s, torch.tensor([p]), torch.tensor([s.tokens[p]], device=runner.device), depth)
-            for s in seqs
-        ]
-        runner.prelude(groups)
-        while not all(g.done for g in groups):
-            runner.loop([g for g in groups if not g.done])
-        logprobs = torch.log_softmax(runner.coda(groups), -1)
-        targets = torch.tensor([s.tokens[p + 1] for s in seqs], device=logprobs.device)
-        nll = -logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        total_nll += float(nll.sum())
-        if per_token:
-            token_nll += nll.tolist()
-        loops += sum(int(g.loops_used.sum()) for g in groups)
+    nll, loops, start = torch.zeros(len(seqs), length - 1), 0, time.perf_counter()
+    for finished, logits in _depth_batched(runner, seqs, depth):
+        streams = [i for i, _ in finished]
+        at = [int(g.positions[0]) for _, g in finished]
+        targets = torch.tensor([seqs[i].tokens[p + 1] for i, p in zip(streams, at, strict=True)])
+        logprobs = torch.log_softmax(logits, -1)
+        nll[streams, at] = -logprobs.gather(1, targets.to(logits.device)[:, None])[:, 0].cpu()
+        loops += sum(int(g.loops_used.sum()) for _, g in finished)
     elapsed = time.perf_counter() - start
     n = (length - 1) * len(seqs)
     return DecodeQuality(
-        nll=total_nll / n,
+        nll=float(nll.sum()) / n,
         mean_depth=loops / n,
         tokens=n,
         tokens_per_s=n / elapsed,
         cache_bytes_per_token=float(cache.token_bytes(depth)),
-        token_nll=token_nll if per_token else None,
+        token_nll=nll.T.flatten().tolist() if per_token else None,  # position-major
+    )
+
+
+def _depth_batched(
+    runner: ModelRunner, seqs: list[Sequence], depth: int
+) -> Iterator[tuple[list[tuple[int, InFlight]], Tensor]]:
+    """Decode every position but the last of every sequence, teacher-forced, scheduled as the
+    engine schedules decode (continuous depth batching): each loop runs every token still
+    looping; a token that is done (its depth reached, or every row exited) goes through the
+    coda at once and its sequence's next position starts at the next loop, so a stream whose
+    token exits early does not wait for the batch's slowest token (which a lockstep step of
+    all sequences' tokens did). Fixed depths run in lockstep either way. Yields each loop's
+    finished tokens as (sequence index, group) with their logits."""
+    next_pos, starting = [0] * len(seqs), list(range(len(seqs)))
+    flying: list[tuple[int, InFlight]] = []
+    while True:
+        new = [(i, _token(runner, seqs[i], next_pos[i], depth)) for i in starting]
+        new = [(i, g) for i, g in new if g is not None]
+        if new:
+            runner.prelude([g for _, g in new])
+            flying += new
+        if not flying:
+            return
+        runner.loop([g for _, g in flying])
+        done = [(i, g) for i, g in flying if g.done]
+        flying = [(i, g) for i, g in flying if not g.done]
+        starting = [i for i, _ in done]
+        if done:
+            yield done, runner.coda([g for _, g in done])
+        for i in starting:
+            next_pos[i] += 1
+
+
+def _token(runner: ModelRunner, seq: Sequence, p: int, depth: int) -> InFlight | None:
+    """Position `p` of `seq` as a one-token group (None past the sequence's last input)."""
+    if p >= len(seq.tokens) - 1:
+        return None
+    return InFlight(
+        seq, torch.tensor([p]), torch.tensor([seq.tokens[p]], device=runner.device), depth
     )

@@ -448,14 +448,20 @@ class KVCache:
         return [n for b in table.bundles[: positions // self.block_size] for n in b.loops]
 
     # Early exit -----------------------------------------------------------------------------
-    def fill_skipped(self, table: BlockTable, positions: Tensor, exit_loop: int) -> None:
-        """A token that stopped after `exit_loop` leaves its last K/V in the slots of the loops it
-        skipped, so later tokens read what it really wrote (copy-on-exit)."""
-        src = table.slot(exit_loop)
-        dst = {table.slot(t) for t in range(exit_loop + 1, table.depth)} - {src}
-        if not dst:
-            return
-        rows = table.rec_index()[:, positions]
-        for slot in dst:
-            self.rec_k[:, rows[slot]] = self.rec_k[:, rows[src]]
-            self.rec_v[:, rows[slot]] = self.rec_v[:, rows[src]]
+    def fill_skipped(self, exits: list[tuple[BlockTable, Tensor, int]]) -> None:
+        """Tokens that stopped early leave their last K/V in the slots of the loops they
+        skipped, so later tokens read what they really wrote (copy-on-exit). `exits`: per
+        sequence, (its table, the positions that exited (n,), the loop they stopped after);
+        one gather and one scatter per pool for all of them."""
+        src, dst = [], []
+        for table, positions, exit_loop in exits:
+            last = table.slot(exit_loop)
+            skipped = list({table.slot(t) for t in range(exit_loop + 1, table.depth)} - {last})
+            if skipped:
+                rows = table.rec_index()[:, positions]  # (slots, n)
+                dst.append(rows[skipped].flatten())
+                src.append(rows[last].repeat(len(skipped)))
+        if dst:
+            to, of = torch.cat(dst), torch.cat(src)
+            self.rec_k[:, to] = self.rec_k[:, of]
+            self.rec_v[:, to] = self.rec_v[:, of]

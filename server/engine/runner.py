@@ -322,7 +322,7 @@ class ModelRunner:
         h, prepared, ids = gather("h"), gather("prepared"), gather("ids")
         new_h = self.model.core(h[None], prepared[None], ids[None], rots, ctx, loop=0)[0]
         state_exits = self._state_exits(groups, h, new_h)  # every group's rows in one pass
-        offset = 0
+        offset, skipped = 0, []
         for g, idx in zip(groups, idxs, strict=True):
             n = g.n_active
             out = new_h[offset : offset + n]
@@ -347,7 +347,9 @@ class ModelRunner:
                 g.n_active -= len(gone)
                 g.exits += len(gone)
                 if g.loop < g.depth:
-                    self.cache.fill_skipped(g.seq.table, g.positions[gone], g.loop - 1)
+                    skipped.append((g.seq.table, g.positions[gone], g.loop - 1))
+        if skipped:
+            self.cache.fill_skipped(skipped)  # every group's exits in one copy
 
     def _loop_context(self, groups: list[InFlight], idxs, gather) -> tuple[PagedAttention, dict]:
         """Attention indices and rotations for this loop, reused while the same tokens loop in
