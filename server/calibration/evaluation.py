@@ -46,8 +46,12 @@ def teacher_forced_nll(
     seed: int = 0,
     exit_probe: ExitProbe | None = None,
     per_token: bool = False,
+    coda_share: float = 0.0,
 ) -> DecodeQuality:
-    """Mean NLL of tokens 1..L-1 of each sequence, decoding through the cache one token a step."""
+    """Mean NLL of tokens 1..L-1 of each sequence (truncated to the shortest), decoding them
+    through the paged cache one position per sequence at a time, every sequence's tokens
+    batched as the engine batches decode (see `_depth_batched`). tokens_per_s: scored tokens
+    over the wall time of the decode, so exits that free loops show up as speed."""
     length = min(len(s) for s in sequences)
     param = next(model.parameters())
     slot_policy = LoopSlotPolicy.parse(policy)
@@ -68,7 +72,7 @@ def teacher_forced_nll(
         assert cache.ensure(seq.table, length)
         seqs.append(seq)
     nll, loops, start = torch.zeros(len(seqs), length - 1), 0, time.perf_counter()
-    for finished, logits in _depth_batched(runner, seqs, depth):
+    for finished, logits in _depth_batched(runner, seqs, depth, coda_share):
         streams = [i for i, _ in finished]
         at = [int(g.positions[0]) for _, g in finished]
         targets = torch.tensor([seqs[i].tokens[p + 1] for i, p in zip(streams, at, strict=True)])
@@ -88,15 +92,15 @@ def teacher_forced_nll(
 
 
 def _depth_batched(
-    runner: ModelRunner, seqs: list[Sequence], depth: int
+    runner: ModelRunner, seqs: list[Sequence], depth: int, coda_share: float = 0.0
 ) -> Iterator[tuple[list[tuple[int, InFlight]], Tensor]]:
     """Decode every position but the last of every sequence, teacher-forced, scheduled as the
     engine schedules decode (continuous depth batching): each loop runs every token still
-    looping; a token that is done (its depth reached, or every row exited) goes through the
-    coda at once and its sequence's next position starts at the next loop, so a stream whose
-    token exits early does not wait for the batch's slowest token (which a lockstep step of
-    all sequences' tokens did). Fixed depths run in lockstep either way. Yields each loop's
-    finished tokens as (sequence index, group) with their logits."""
+    looping; once the tokens that are done (depth reached, or every row exited) make up
+    `coda_share` of the tokens in flight, or nothing loops any more, they go through the coda
+    together and their sequences' next positions start at the next loop. 0: a token's coda
+    runs in the loop it is done; 1: every sequence waits for the slowest (lockstep). Yields
+    each coda batch as (sequence index, group) with its logits."""
     next_pos, starting = [0] * len(seqs), list(range(len(seqs)))
     flying: list[tuple[int, InFlight]] = []
     while True:
@@ -107,14 +111,17 @@ def _depth_batched(
             flying += new
         if not flying:
             return
-        runner.loop([g for _, g in flying])
+        looping = [g for _, g in flying if not g.done]
+        if looping:
+            runner.loop(looping)
         done = [(i, g) for i, g in flying if g.done]
-        flying = [(i, g) for i, g in flying if not g.done]
-        starting = [i for i, _ in done]
-        if done:
+        starting = []
+        if done and (len(done) >= coda_share * len(flying) or len(done) == len(flying)):
+            flying = [(i, g) for i, g in flying if not g.done]
             yield done, runner.coda([g for _, g in done])
-        for i in starting:
-            next_pos[i] += 1
+            starting = [i for i, _ in done]
+            for i in starting:
+                next_pos[i] += 1
 
 
 def _token(runner: ModelRunner, seq: Sequence, p: int, depth: int) -> InFlight | None:

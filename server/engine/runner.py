@@ -322,6 +322,7 @@ class ModelRunner:
         h, prepared, ids = gather("h"), gather("prepared"), gather("ids")
         new_h = self.model.core(h[None], prepared[None], ids[None], rots, ctx, loop=0)[0]
         state_exits = self._state_exits(groups, h, new_h)  # every group's rows in one pass
+        kl_exits = self._kl_exits(groups, idxs, new_h)  # one coda probe for every kl group
         offset, skipped = 0, []
         for g, idx in zip(groups, idxs, strict=True):
             n = g.n_active
@@ -330,8 +331,7 @@ class ModelRunner:
             offset += n
             rule = g.seq.request.loops.exit
             if rule is not None and rule.criterion == "kl":
-                before = g.h if idx is None else g.h[idx]
-                exited = self._kl_exits(g, slice(None) if idx is None else idx, before, out)
+                exited = kl_exits.get(g.uid)
             elif rule is None or g.loop + 1 < rule.min_depth:
                 exited = None
             if idx is None:
@@ -428,35 +428,55 @@ class ModelRunner:
         return torch.tensor(values, device=self.device).repeat_interleave(sizes)
 
     def _kl_exits(
-        self, g: InFlight, idx: Tensor | slice, before: Tensor, after: Tensor
-    ) -> Tensor | None:
-        """Which of the active tokens `idx` stop after this loop under the kl rule (None: none
-        can yet): the coda's distribution after this loop against the previous loop's."""
-        rule = g.seq.request.loops.exit
-        ran = g.loop + 1  # every active token of a group has run the same number of loops
-        if ran + 1 < rule.min_depth:
-            return None  # the first comparison that may exit needs this loop's distribution next
-        logits = self._probe(g, idx, after)
+        self, groups: list[InFlight], idxs: list[Tensor | None], after: Tensor
+    ) -> dict[int, Tensor]:
+        """Which active tokens of the kl groups stop after this loop: the coda's distribution
+        after this loop against the previous loop's, probed for every kl group in one coda
+        pass. `after`: the loop's new states of every group's active rows, in order. Returns
+        {group uid: (n_active,) bool on the CPU} for the groups that may exit after this loop."""
+        probes, offset = [], 0
+        for g, idx in zip(groups, idxs, strict=True):
+            rule, rows = g.seq.request.loops.exit, after[offset : offset + g.n_active]
+            offset += g.n_active
+            # the first comparison that may exit needs this loop's distribution next
+            if rule is not None and rule.criterion == "kl" and g.loop + 2 >= rule.min_depth:
+                probes.append((g, slice(None) if idx is None else idx, rows))
+        if not probes:
+            return {}
+        logits = self._probe(probes)
         logprobs = torch.log_softmax(logits, -1)
-        if g.prev_logprobs is None:
-            g.prev_logprobs = logprobs.new_empty(len(g.positions), logprobs.shape[-1])
-            g.final_logits = torch.empty_like(g.prev_logprobs)
-        prev = g.prev_logprobs[idx].clone()  # a view when idx is a slice: keep it from the write
-        g.prev_logprobs[idx] = logprobs
-        g.final_logits[idx] = logits
-        if ran < max(rule.min_depth, 2):
-            return None
-        kl = (logprobs.exp() * (logprobs - prev)).sum(-1).clamp_min(0)  # KL(p_t || p_{t-1})
-        return (kl < rule.threshold).cpu()
+        decided, start = {}, 0
+        for g, idx, rows in probes:
+            lp, lg = logprobs[start : start + len(rows)], logits[start : start + len(rows)]
+            start += len(rows)
+            if g.prev_logprobs is None:
+                g.prev_logprobs = lp.new_empty(len(g.positions), lp.shape[-1])
+                g.final_logits = torch.empty_like(g.prev_logprobs)
+            prev = g.prev_logprobs[idx].clone()  # a view when idx is a slice: keep it
+            g.prev_logprobs[idx] = lp
+            g.final_logits[idx] = lg
+            rule = g.seq.request.loops.exit
+            if g.loop + 1 >= max(rule.min_depth, 2):  # every active token ran loop + 1 loops
+                kl = (lp.exp() * (lp - prev)).sum(-1).clamp_min(0)  # KL(p_t || p_{t-1})
+                decided[g.uid] = kl < rule.threshold
+        if not decided:
+            return {}
+        uids = list(decided)
+        flat = torch.cat([decided[u] for u in uids]).cpu()  # one transfer for every group
+        return dict(zip(uids, flat.split([len(decided[u]) for u in uids]), strict=True))
 
-    def _probe(self, g: InFlight, idx: Tensor | slice, h: Tensor) -> Tensor:
-        """The coda's logits for the loop just run. Each token's last probe is its final coda
-        pass (logits and coda K/V alike), so `coda` need not run again for kl groups."""
-        ctx = PagedAttention(
-            self.cache, [AttentionGroup(g.seq.table, g.positions[idx])], False, self.n_prelude
-        )
-        rots = self.model.rotations(g.positions[idx].to(self.device).unsqueeze(0))
-        return self.model.coda(h.unsqueeze(0), g.ids[idx].unsqueeze(0), rots, ctx)[0]
+    def _probe(self, probes: list[tuple[InFlight, Tensor | slice, Tensor]]) -> Tensor:
+        """The coda's logits for the loop just run, every probed group's rows in one pass
+        (`probes`: group, its active rows, their new states). Each token's last probe is its
+        final coda pass (logits and coda K/V alike), so `coda` need not run again for kl
+        groups."""
+        sub = [AttentionGroup(g.seq.table, g.positions[idx]) for g, idx, _ in probes]
+        ctx = PagedAttention(self.cache, sub, False, self.n_prelude)
+        positions = torch.cat([g.positions[idx] for g, idx, _ in probes])
+        ids = torch.cat([g.ids[idx] for g, idx, _ in probes])
+        h = torch.cat([rows for _, _, rows in probes])
+        rots = self.model.rotations(positions.to(self.device).unsqueeze(0))
+        return self.model.coda(h.unsqueeze(0), ids.unsqueeze(0), rots, ctx)[0]
 
     # Stage C -------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -226,10 +226,13 @@ def test_huge_threshold_stops_at_min_depth(engine: Engine, criterion: str) -> No
     assert out[-1].total_loops == 3 * out[-1].positions
 
 
-def test_per_row_exits_in_a_batch_equal_each_row_alone() -> None:
+@pytest.mark.parametrize(
+    "rule", [RecurrenceExit("residual", 0.1, 2), RecurrenceExit("kl", 0.02, 2)], ids=str
+)
+def test_per_row_exits_in_a_batch_equal_each_row_alone(rule: RecurrenceExit) -> None:
+    """Rows of a batch exit as they would alone (kl: one coda probe for every group)."""
     eng = make_engine(NOISY, "per-loop")
     try:
-        rule = RecurrenceExit("residual", 0.1, 2)
         requests = [
             EngineRequest(
                 PROMPT[: 5 + i],
