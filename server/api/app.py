@@ -140,6 +140,7 @@ def build(state: ServerState) -> None:
         typical_depth=default_depth,
         threads=threads,
         kv_cache_dtype=DTYPES.get(s.kv_cache_dtype),  # auto: None, the model's dtype
+        coda_wait=s.coda_wait,
     )
     probe = load_exit_probe(model_dir, device, cfg.d_rec)
     frontier = Frontier.from_calibration(calibration, probe is not None)

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from parcae_serve.server.api.served_models import parse_presets
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
+from parcae_serve.server.engine.runner import CODA_WAIT
 from parcae_serve.server.engine.sequence import Speculation
 
 
@@ -125,6 +126,13 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="speculate only while at most this many sequences run (measured on 2 CPU "
         "cores: one stream gains, two already lose; batching fills the machine)",
+    )
+    coda_wait: int = Field(
+        CODA_WAIT,
+        ge=0,
+        description="loops a token that finished its loops early (an exit rule, a shallower "
+        "depth) may wait so that tokens finishing meanwhile share its coda pass; eager "
+        'decode only (bench/RESULTS.md, "Loop-level scheduling of exits")',
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens started per engine step")
     max_queue: int = Field(256, ge=0, description="waiting requests before 429")

@@ -18,7 +18,7 @@ from torch import Tensor
 from parcae_serve.model.exit_probe import ExitProbe
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy, token_bytes
-from parcae_serve.server.engine.runner import InFlight, ModelRunner
+from parcae_serve.server.engine.runner import CODA_WAIT, InFlight, ModelRunner, coda_ready
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit, Sequence
 
@@ -46,7 +46,7 @@ def teacher_forced_nll(
     seed: int = 0,
     exit_probe: ExitProbe | None = None,
     per_token: bool = False,
-    coda_share: float = 0.0,
+    coda_wait: int | None = CODA_WAIT,
 ) -> DecodeQuality:
     """Mean NLL of tokens 1..L-1 of each sequence (truncated to the shortest), decoding them
     through the paged cache one position per sequence at a time, every sequence's tokens
@@ -72,7 +72,7 @@ def teacher_forced_nll(
         assert cache.ensure(seq.table, length)
         seqs.append(seq)
     nll, loops, start = torch.zeros(len(seqs), length - 1), 0, time.perf_counter()
-    for finished, logits in _depth_batched(runner, seqs, depth, coda_share):
+    for finished, logits in _depth_batched(runner, seqs, depth, coda_wait):
         streams = [i for i, _ in finished]
         at = [int(g.positions[0]) for _, g in finished]
         targets = torch.tensor([seqs[i].tokens[p + 1] for i, p in zip(streams, at, strict=True)])
@@ -92,17 +92,18 @@ def teacher_forced_nll(
 
 
 def _depth_batched(
-    runner: ModelRunner, seqs: list[Sequence], depth: int, coda_share: float = 0.0
+    runner: ModelRunner, seqs: list[Sequence], depth: int, coda_wait: int | None
 ) -> Iterator[tuple[list[tuple[int, InFlight]], Tensor]]:
     """Decode every position but the last of every sequence, teacher-forced, scheduled as the
     engine schedules decode (continuous depth batching): each loop runs every token still
-    looping; once the tokens that are done (depth reached, or every row exited) make up
-    `coda_share` of the tokens in flight, or nothing loops any more, they go through the coda
-    together and their sequences' next positions start at the next loop. 0: a token's coda
-    runs in the loop it is done; 1: every sequence waits for the slowest (lockstep). Yields
-    each coda batch as (sequence index, group) with its logits."""
+    looping; tokens that are done (depth reached, or every row exited) go through the coda
+    together when `coda_ready` says (`coda_wait`: the loops the first of them may wait for
+    others to finish; None: until every token in flight is done, i.e. lockstep), and their
+    sequences' next positions start at the next loop. Yields each coda batch as (sequence index, group) with its
+    logits."""
     next_pos, starting = [0] * len(seqs), list(range(len(seqs)))
     flying: list[tuple[int, InFlight]] = []
+    waited = -1  # loops the oldest done token has waited for the coda (-1: none is done)
     while True:
         new = [(i, _token(runner, seqs[i], next_pos[i], depth)) for i in starting]
         new = [(i, g) for i, g in new if g is not None]
@@ -115,9 +116,11 @@ def _depth_batched(
         if looping:
             runner.loop(looping)
         done = [(i, g) for i, g in flying if g.done]
+        still = [(i, g) for i, g in flying if not g.done]
+        waited += bool(done)
         starting = []
-        if done and (len(done) >= coda_share * len(flying) or len(done) == len(flying)):
-            flying = [(i, g) for i, g in flying if not g.done]
+        if done and (not still or coda_ready(waited, coda_wait, [g for _, g in still])):
+            flying, waited = still, -1
             yield done, runner.coda([g for _, g in done])
             starting = [i for i, _ in done]
             for i in starting:

@@ -38,6 +38,24 @@ from parcae_serve.server.engine.speculative_graph import SpeculativeGraphs
 NOISE_STRIDE = 1_000_003  # seed * stride + position: per-position h_0 noise streams
 NOISE_AHEAD = 32  # decode draws the h_0 of this many positions at once
 _uids = itertools.count()
+CODA_WAIT = 4  # loops a done token may wait to share a coda by default (coda_ready)
+
+
+def coda_ready(waited: int, coda_wait: int | None, looping: list[InFlight]) -> bool:
+    """Whether the tokens done with their loops go through the coda now, the oldest having
+    waited `waited` loops since it was done, `looping` the groups still looping: once it has
+    waited `coda_wait` loops (None: never; the caller runs the coda when every token in flight
+    is done, i.e. lockstep), or at once when no looping group can finish within the loops left
+    to wait (none has an exit rule or its depth that close). Waiting lets tokens that finish a
+    loop or two apart share one coda, and their next tokens one prelude, instead of paying
+    both on a few rows every loop (bench/RESULTS.md, "Loop-level scheduling of exits"); a
+    shallow request is never held for a deep one it cannot share a coda with."""
+    if coda_wait is None:
+        return False
+    left = coda_wait - waited
+    return left <= 0 or not any(
+        g.seq.request.loops.exit is not None or g.depth - g.loop <= left for g in looping
+    )
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from parcae_serve.model.config import ParcaeConfig
 from parcae_serve.server.engine.engine import Engine, EngineConfig
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
+from parcae_serve.server.engine.runner import coda_ready
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit
@@ -227,11 +229,18 @@ def test_huge_threshold_stops_at_min_depth(engine: Engine, criterion: str) -> No
 
 
 @pytest.mark.parametrize(
-    "rule", [RecurrenceExit("residual", 0.1, 2), RecurrenceExit("kl", 0.02, 2)], ids=str
+    ("rule", "wait"),
+    [
+        (RecurrenceExit("residual", 0.1, 2), 0),
+        (RecurrenceExit("kl", 0.02, 2), 0),
+        (RecurrenceExit("residual", 0.1, 2), 3),
+    ],
+    ids=["residual", "kl", "residual-coda-wait-3"],
 )
-def test_per_row_exits_in_a_batch_equal_each_row_alone(rule: RecurrenceExit) -> None:
-    """Rows of a batch exit as they would alone (kl: one coda probe for every group)."""
-    eng = make_engine(NOISY, "per-loop")
+def test_per_row_exits_in_a_batch_equal_each_row_alone(rule: RecurrenceExit, wait: int) -> None:
+    """Rows of a batch exit as they would alone (kl: one coda probe for every group; with a
+    coda wait, done groups wait for each other's coda and change nothing either)."""
+    eng = make_engine(NOISY, "per-loop", coda_wait=wait)
     try:
         requests = [
             EngineRequest(
@@ -386,3 +395,21 @@ def test_unseeded_greedy_decoding_and_scores_repeat_and_a_seed_changes_the_noise
         assert run(12345)[1] != first[1]  # another noise stream scores differently
     finally:
         eng.stop()
+
+
+def test_done_tokens_wait_for_a_shared_coda_only_when_another_can_finish_in_time() -> None:
+    def group(depth: int, loop: int, exit: RecurrenceExit | None = None) -> SimpleNamespace:
+        loops = SimpleNamespace(exit=exit)
+        return SimpleNamespace(
+            depth=depth, loop=loop, seq=SimpleNamespace(request=SimpleNamespace(loops=loops))
+        )
+
+    deep, near = group(8, 4), group(8, 6)
+    adaptive = group(12, 3, RecurrenceExit("residual", 0.1))
+    assert coda_ready(0, 2, [deep])  # a shallow request is not held for a deep one
+    assert not coda_ready(0, 2, [deep, near])  # near finishes within the 2 loops: share
+    nearer = group(8, 7)  # the same group a loop later
+    assert not coda_ready(1, 2, [deep, nearer]) and coda_ready(2, 2, [deep, nearer])
+    assert not coda_ready(0, 2, [adaptive]) and coda_ready(2, 2, [adaptive])  # may exit any loop
+    assert coda_ready(0, 0, [adaptive, near])  # no wait
+    assert not coda_ready(50, None, [deep])  # lockstep: the caller waits for every token

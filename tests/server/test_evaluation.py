@@ -21,10 +21,11 @@ def windows(vocab: int, n: int = 3, length: int = 12) -> list[list[int]]:
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
+@pytest.mark.parametrize("wait", [0, 2, None], ids=["wait-0", "wait-2", "lockstep"])
 @pytest.mark.parametrize("cfg", [ZERO_INIT, NOISY], ids=["zero-init", "noisy"])
-def test_batched_streams_score_every_token_as_each_stream_alone(cfg) -> None:
+def test_batched_streams_score_every_token_as_each_stream_alone(cfg, wait) -> None:
     model, data = random_model(cfg), windows(cfg.vocab_size)
-    together = teacher_forced_nll(model, data, 8, exit=RULE, per_token=True)
+    together = teacher_forced_nll(model, data, 8, exit=RULE, per_token=True, coda_wait=wait)
     alone = [
         teacher_forced_nll(model, [s], 8, exit=RULE, seed=i, per_token=True)
         for i, s in enumerate(data)
@@ -38,8 +39,8 @@ def test_batched_streams_score_every_token_as_each_stream_alone(cfg) -> None:
 
 
 def test_a_stream_whose_token_exits_starts_its_next_token_without_waiting(monkeypatch) -> None:
-    """One loop call may run tokens of different positions: a fast stream moved on while a
-    slow one still loops (lockstep steps would only ever run one position a loop)."""
+    """With no coda wait, one loop call may run tokens of different positions: a fast stream
+    moved on while a slow one still loops (lockstep steps only ever run one position a loop)."""
     positions_per_loop: list[set[int]] = []
     loop = ModelRunner.loop
 
@@ -50,7 +51,7 @@ def test_a_stream_whose_token_exits_starts_its_next_token_without_waiting(monkey
     model, data = random_model(ZERO_INIT), windows(ZERO_INIT.vocab_size)
     loops_alone = [teacher_forced_nll(model, [s], 8, exit=RULE).mean_depth * 11 for s in data]
     monkeypatch.setattr(ModelRunner, "loop", spy)
-    teacher_forced_nll(model, data, 8, exit=RULE)
+    teacher_forced_nll(model, data, 8, exit=RULE, coda_wait=0)
     assert any(len(p) > 1 for p in positions_per_loop)
     # each stream loops without a gap, so the batch runs as many loops as its busiest stream
     # needs alone (in lockstep: per position, the slowest stream's loops, summed)
@@ -61,3 +62,24 @@ def test_fixed_depth_runs_in_lockstep() -> None:
     model, data = random_model(ZERO_INIT), windows(ZERO_INIT.vocab_size)
     quality = teacher_forced_nll(model, data, 4, per_token=True)
     assert quality.mean_depth == 4 and len(quality.token_nll) == 11 * 3
+
+
+def test_waiting_for_the_coda_batches_it(monkeypatch) -> None:
+    """Done tokens that wait share coda passes: fewer of them the longer they may wait, one
+    per position in lockstep."""
+    calls: list[int] = []
+    coda = ModelRunner.coda
+
+    def spy(self, groups):
+        calls.append(len(groups))
+        return coda(self, groups)
+
+    monkeypatch.setattr(ModelRunner, "coda", spy)
+    model, data = random_model(ZERO_INIT), windows(ZERO_INIT.vocab_size, n=6)
+    passes = {}
+    for wait in (0, 2, None):
+        calls.clear()
+        teacher_forced_nll(model, data, 8, exit=RULE, coda_wait=wait)
+        assert sum(calls) == 6 * 11  # every token once
+        passes[wait] = len(calls)
+    assert passes[0] > passes[2] >= passes[None] == 11

@@ -1,14 +1,15 @@
-"""Loop-level scheduling of exiting tokens: when the coda runs, A/B on the built-in model.
+"""Loop-level scheduling of exiting tokens: how long done tokens wait for a shared coda.
 
-    python bench/coda_share.py [--shares 0,1] [--thresholds 0.05,0.2] [--rounds 4]
+    python bench/coda_wait.py [--waits 0,2,4,lockstep] [--thresholds 0.05,0.2] [--rounds 4]
 
 Teacher-forced decode of 32 held-out streams x 48 tokens (the frontier's windows), `residual`
-exit rules with cap 12, eager, one kernel thread, under `coda_share` values of
+exit rules with cap 12, eager, one kernel thread, under `coda_wait` values of
 `teacher_forced_nll`: 0 runs a token's coda in the loop it is done and starts its stream's next
-token at the next loop (continuous depth batching, as the engine schedules decode); 1 waits for
-the batch's slowest token (lockstep); between, the done tokens wait until they are that share
-of the tokens in flight. Fixed T=4 and T=6 run in every round for reference. Every
-configuration once per round, rounds interleaved; prints each run and the medians.
+token at the next loop (continuous depth batching); W lets the first done token wait up to W
+loops so that tokens done meanwhile share its coda (and their next tokens one prelude);
+`lockstep` waits for the batch's slowest token. Fixed T=4 and T=6 run in every round for
+reference. Every configuration once per round, rounds interleaved; prints each run and the
+medians.
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
+def waits(text: str) -> list[int | None]:
+    return [None if x == "lockstep" else int(x) for x in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--shares", type=floats, default=[0.0, 1.0])
+    parser.add_argument("--waits", type=waits, default=[0, 2, 4, None])
     parser.add_argument("--thresholds", type=floats, default=[0.05, 0.2])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--streams", type=int, default=32)
@@ -59,10 +64,10 @@ def main() -> None:
     for r in range(args.rounds):
         for threshold in args.thresholds:
             rule = RecurrenceExit("residual", threshold)
-            for share in args.shares:
+            for wait in args.waits:
                 q = teacher_forced_nll(model, windows, CAP, exit=rule, exit_probe=probe,
-                                       coda_share=share)  # fmt: skip
-                name = f"residual {threshold:g}, coda share {share:g}"
+                                       coda_wait=wait)  # fmt: skip
+                name = f"residual {threshold:g}, coda wait {'lockstep' if wait is None else wait}"
                 speeds.setdefault(name, []).append(q.tokens_per_s)
                 print(f"round {r} {name}: {q.tokens_per_s:.0f} tok/s, loops {q.mean_depth:.2f}, "
                       f"nll {q.nll:.4f}", flush=True)  # fmt: skip
