@@ -21,8 +21,11 @@ def windows(vocab: int, n: int = 3, length: int = 12) -> list[list[int]]:
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("wait", [0, 2, None], ids=["wait-0", "wait-2", "lockstep"])
-@pytest.mark.parametrize("cfg", [ZERO_INIT, NOISY], ids=["zero-init", "noisy"])
+@pytest.mark.parametrize(
+    ("cfg", "wait"),
+    [(ZERO_INIT, 0), (NOISY, 0), (NOISY, 2), (NOISY, None)],
+    ids=["zero-init", "noisy", "noisy-wait-2", "noisy-lockstep"],
+)
 def test_batched_streams_score_every_token_as_each_stream_alone(cfg, wait) -> None:
     model, data = random_model(cfg), windows(cfg.vocab_size)
     together = teacher_forced_nll(model, data, 8, exit=RULE, per_token=True, coda_wait=wait)
