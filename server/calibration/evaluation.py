@@ -18,7 +18,7 @@ from torch import Tensor
 from parcae_serve.model.exit_probe import ExitProbe
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy, token_bytes
-from parcae_serve.server.engine.runner import CODA_WAIT, InFlight, ModelRunner, coda_ready
+from parcae_serve.server.engine.runner import CODA_WAIT, InFlight, ModelRunner
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit, Sequence
 
@@ -95,36 +95,31 @@ def _depth_batched(
     runner: ModelRunner, seqs: list[Sequence], depth: int, coda_wait: int | None
 ) -> Iterator[tuple[list[tuple[int, InFlight]], Tensor]]:
     """Decode every position but the last of every sequence, teacher-forced, scheduled as the
-    engine schedules decode (continuous depth batching): each loop runs every token still
-    looping; tokens that are done (depth reached, or every row exited) go through the coda
-    together when `coda_ready` says (`coda_wait`: the loops the first of them may wait for
-    others to finish; None: until every token in flight is done, i.e. lockstep), and their
-    sequences' next positions start at the next loop. Yields each coda batch as (sequence index, group) with its
-    logits."""
+    engine schedules decode (`ModelRunner.loop_until_coda`: continuous depth batching, done
+    tokens waiting up to `coda_wait` loops to share a coda; None: until every token in flight
+    is done, i.e. lockstep); a sequence's next position starts at the loop after its token's
+    coda. Yields each coda batch as (sequence index, group) with its logits."""
     next_pos, starting = [0] * len(seqs), list(range(len(seqs)))
-    flying: list[tuple[int, InFlight]] = []
-    waited = -1  # loops the oldest done token has waited for the coda (-1: none is done)
+    stream: dict[int, int] = {}  # group uid -> sequence index
+    flying: list[InFlight] = []
     while True:
-        new = [(i, _token(runner, seqs[i], next_pos[i], depth)) for i in starting]
-        new = [(i, g) for i, g in new if g is not None]
+        new = []
+        for i in starting:
+            g = _token(runner, seqs[i], next_pos[i], depth)
+            if g is not None:
+                stream[g.uid] = i
+                new.append(g)
         if new:
-            runner.prelude([g for _, g in new])
+            runner.prelude(new)
             flying += new
         if not flying:
             return
-        looping = [g for _, g in flying if not g.done]
-        if looping:
-            runner.loop(looping)
-        done = [(i, g) for i, g in flying if g.done]
-        still = [(i, g) for i, g in flying if not g.done]
-        waited += bool(done)
-        starting = []
-        if done and (not still or coda_ready(waited, coda_wait, [g for _, g in still])):
-            flying, waited = still, -1
-            yield done, runner.coda([g for _, g in done])
-            starting = [i for i, _ in done]
-            for i in starting:
-                next_pos[i] += 1
+        done = runner.loop_until_coda(flying, coda_wait)
+        flying = [g for g in flying if not g.done]
+        starting = [stream.pop(g.uid) for g in done]
+        yield list(zip(starting, done, strict=True)), runner.coda(done)
+        for i in starting:
+            next_pos[i] += 1
 
 
 def _token(runner: ModelRunner, seq: Sequence, p: int, depth: int) -> InFlight | None:

@@ -24,7 +24,7 @@ from parcae_serve.server.engine.decode_graph import configure_compiler
 from parcae_serve.server.engine.kv_cache import KVCache, LoopSlotPolicy
 from parcae_serve.server.engine.metrics import Metrics
 from parcae_serve.server.engine.relay import LoopSink, OutputRelay, deliver
-from parcae_serve.server.engine.runner import CODA_WAIT, InFlight, ModelRunner, coda_ready
+from parcae_serve.server.engine.runner import CODA_WAIT, InFlight, ModelRunner
 from parcae_serve.server.engine.sampling import (
     Sampled,
     SampleRow,
@@ -247,17 +247,11 @@ class Engine:
         if not self.pool:  # whether there is more to do at once
             return bool(compiled or speculating or prefilled or (sched.waiting and sched.running))
         self._hand_over()
-        waited = -1  # loops the oldest done group has waited for its coda
-        while True:
-            looping = [g for g in self.pool if not g.done]
-            if looping:
-                self.runner.loop(looping)
-                self.metrics.batch.observe(sum(g.n_active for g in looping))
-            done = [g for g in self.pool if g.done]
-            waited += bool(done)
-            still = [g for g in self.pool if not g.done]
-            if done and (not still or coda_ready(waited, self.config.coda_wait, still)):
-                break
+        done = self.runner.loop_until_coda(
+            self.pool,
+            self.config.coda_wait,
+            lambda looping: self.metrics.batch.observe(sum(g.n_active for g in looping)),
+        )
         self.pool = [g for g in self.pool if not g.done]
         self._finish(done, self.runner.coda(done))
         return True

@@ -369,6 +369,28 @@ class ModelRunner:
         if skipped:
             self.cache.fill_skipped(skipped)  # every group's exits in one copy
 
+    def loop_until_coda(
+        self,
+        groups: list[InFlight],
+        coda_wait: int | None,
+        observe: Callable[[list[InFlight]], None] | None = None,
+    ) -> list[InFlight]:
+        """Run loops over the groups still looping until some are done and `coda_ready` says
+        their coda runs now, or every group is done; returns the done groups. `observe`: called
+        with each loop's looping groups (the engine's batch-size metric)."""
+        waited = -1  # loops the oldest done group has waited for its coda
+        while True:
+            looping = [g for g in groups if not g.done]
+            if looping:
+                self.loop(looping)
+                if observe is not None:
+                    observe(looping)
+            done = [g for g in groups if g.done]
+            waited += bool(done)
+            still = [g for g in groups if not g.done]
+            if done and (not still or coda_ready(waited, coda_wait, still)):
+                return done
+
     def _loop_context(self, groups: list[InFlight], idxs, gather) -> tuple[PagedAttention, dict]:
         """Attention indices and rotations for this loop, reused while the same tokens loop in
         the same cache slots (every loop under shared:1), since building them is pure overhead."""
