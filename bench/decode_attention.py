@@ -2,7 +2,7 @@
 inside the built-in model's compiled decode graph.
 
     python bench/decode_attention.py [--rounds 4] [--threads N] [--depth 6]
-                                     [--kv-cache-dtype float32|float16|bfloat16]
+                                     [--kv-cache-dtype float32|float16|bfloat16|fp8]
                                      [--out bench/out/decode_attention.json]
 
 One process, one engine, both variants compiled (CompiledDecoder.fused toggled; the kernel
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.fast_engine import cpu_name  # noqa: E402
 from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint  # noqa: E402
-from parcae_serve.server.api.app import DTYPES  # noqa: E402
+from parcae_serve.server.api.app import KV_CACHE_DTYPES  # noqa: E402
 from parcae_serve.server.engine.decode_graph import DecodeBatch, KeyTensors  # noqa: E402
 from parcae_serve.server.engine.engine import Engine, EngineConfig  # noqa: E402
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), default="float32",
+    parser.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="float32",
                         help="how the pools store K/V (the server's --kv-cache-dtype)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/decode_attention.json")
     args = parser.parse_args()
@@ -79,7 +79,7 @@ def main() -> None:
     sched = SchedulerConfig(max_batch=64, max_queue=64, prefill_chunk=512, max_context=2048)
     config = EngineConfig(sched, kv_policy=LoopSlotPolicy.parse("shared:1"),
                           kv_cache_bytes=512 * 2**20, compile="inductor", threads=args.threads,
-                          kv_cache_dtype=DTYPES[args.kv_cache_dtype])  # fmt: skip
+                          kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])  # fmt: skip
     engine = Engine(model, config)
     decoder = engine.runner.decoder
     if not decoder.fused:

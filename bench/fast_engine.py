@@ -1,6 +1,6 @@
 """Fast-engine benchmark: decode against the machine's limits, compiled path vs eager.
 
-    python bench/fast_engine.py [--rounds 3] [--sections reference,builtin,big]
+    python bench/fast_engine.py [--rounds 3] [--sections reference,builtin,context,big]
                                 [--out bench/out/fast_engine.json]
 
 Measures, in one run on this machine:
@@ -13,9 +13,9 @@ Measures, in one run on this machine:
    interleaved, `--rounds` times, medians reported;
 3. the built-in model: one stream at its mean depth against its ceiling (the larger of its
    compute time at the measured matmul rate and its weight-read time at the measured
-   bandwidth), 32 concurrent streams of mixed depths against the matmul rate, and decode
-   speed at 900 tokens of context against 64, with the default fp32 KV cache and with
-   `--kv-cache-dtype float16`, interleaved;
+   bandwidth), 32 concurrent streams of mixed depths against the matmul rate;
+   (section `context`) its decode speed at 900 tokens of context against 64, one server per
+   KV-cache dtype (the default fp32, `--kv-cache-dtype float16` and `fp8`), interleaved;
 4. a Parcae-140m-shaped model (d=768, 2/2/2, vocab 32768, fp32, random): one stream at T=8
    against the DRAM bandwidth (bytes it must read per token / measured GB/s), over HTTP with
    the prefill included, and decode only (the server's time-per-output-token histogram).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -223,26 +224,13 @@ def builtin_section(machine: dict, rounds: int) -> dict:
     T = model.cfg.mean_recurrence
     mixed = [T - 2, T, T + 2]
     flags = (*COMPILED, "--compile-depths", ",".join(map(str, mixed)))
-    long_prompt = [(i * 7919) % 4000 + 10 for i in range(900)]
-    half = (*COMPILED, "--compile-depths", str(T), "--kv-cache-dtype", "float16")  # T only
     logs = ROOT / "bench/out"
     logs.mkdir(parents=True, exist_ok=True)
-    with (
-        running_server(model_dir, *flags, timeout=1800, log=logs / "builtin_fp32.log") as server,
-        running_server(
-            model_dir, *half, timeout=1800, log=logs / "builtin_fp16.log"
-        ) as half_server,
-    ):
+    with running_server(model_dir, *flags, timeout=1800, log=logs / "builtin_fp32.log") as server:
         stream_tps(server.url, [T], 8)
         one = [stream_tps(server.url, [T], 64) for _ in range(rounds)]
         depths = [mixed[i % 3] for i in range(32)]
         many = [stream_tps(server.url, depths, 48) for _ in range(rounds)]
-        context: dict[str, list[dict]] = {}
-        for _ in range(rounds):  # fp32 and fp16 K/V interleaved
-            for name, url in (("fp32", server.url), ("fp16", half_server.url)):
-                for n in (64, 900):
-                    got = stream_tps(url, [T], 64, long_prompt[:n])
-                    context.setdefault(f"{name}_{n}", []).append(got)
     one_tps = median_of(one, "tokens_per_s")
     flops, wbytes = token_flops(model, T, 100), token_bytes(model, T)
     ceiling_s = max(
@@ -258,19 +246,49 @@ def builtin_section(machine: dict, rounds: int) -> dict:
         "streams32_tps": many_tps,
         "streams32_gflops": many_tps * mean_flops / 1e9,
         "streams32_of_matmul_rate": many_tps * mean_flops / 1e9 / machine["matmul_gflops_all"],
-        **context_figures(context),
     }
+
+
+KV_DTYPES = {"fp32": "float32", "fp16": "float16", "fp8": "fp8"}  # --kv-cache-dtype per name
+
+
+def context_section(rounds: int) -> dict:
+    """The built-in model, one stream at its mean depth: TPOT at 64 and at 900 tokens of
+    context, one server per KV-cache dtype (each compiled for that depth only), the servers
+    and lengths interleaved `rounds` times."""
+    model_dir = builtin_checkpoint()
+    T = load_checkpoint(model_dir).cfg.mean_recurrence
+    long_prompt = [(i * 7919) % 4000 + 10 for i in range(900)]
+    logs = ROOT / "bench/out"
+    logs.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(running_server(
+                model_dir, *COMPILED, "--compile-depths", str(T), "--kv-cache-dtype", dtype,
+                timeout=1800, log=logs / f"context_{name}.log",
+            ))
+            for name, dtype in KV_DTYPES.items()
+        }  # fmt: skip
+        for server in servers.values():
+            stream_tps(server.url, [T], 8)
+        context: dict[str, list[dict]] = {}
+        for _ in range(rounds):
+            for name, server in servers.items():
+                for n in (64, 900):
+                    got = stream_tps(server.url, [T], 64, long_prompt[:n])
+                    context.setdefault(f"{name}_{n}", []).append(got)
+    return {"depth": T, **context_figures(context)}
 
 
 def context_figures(context: dict[str, list[dict]]) -> dict:
     """TPOT at 64 and 900 positions, per KV-cache dtype, and the speed ratios: each dtype's
-    900 against its own 64, and fp16's 900 against fp32's 64 (the default's short-context
-    speed, what a user switching the flag on compares with)."""
+    900 against its own 64, and against fp32's 64 (the default's short-context speed, what a
+    user switching the flag on compares with)."""
     tpot = {key: median_of(runs, "tpot_ms") for key, runs in context.items()}
     out = {f"tpot_ms_{key}": value for key, value in tpot.items()}
-    for name in ("fp32", "fp16"):
+    for name in KV_DTYPES:
         out[f"speed_900_vs_64_{name}"] = tpot[f"{name}_64"] / tpot[f"{name}_900"]
-    out["speed_900_fp16_vs_64_fp32"] = tpot["fp32_64"] / tpot["fp16_900"]
+        out[f"speed_900_{name}_vs_64_fp32"] = tpot["fp32_64"] / tpot[f"{name}_900"]
     return out
 
 
@@ -317,6 +335,8 @@ def render(r: dict) -> str:
         rows += reference_rows(r["reference"])
     if "builtin" in r:
         rows += builtin_rows(r["builtin"])
+    if "context" in r:
+        rows += context_rows(r["context"])
     if "big" in r:
         rows += big_rows(r["big"])
     head = [
@@ -342,8 +362,14 @@ def builtin_rows(b: dict) -> list[tuple[str, str]]:
     return [
         (f"built-in, one stream, T={b['depth']}", f"{b['one_stream_tps']:.0f} tok/s = {b['one_stream_of_ceiling']:.0%} of its ceiling ({b['one_stream_ceiling_tps']:.0f} tok/s)"),
         ("built-in, 32 streams, mixed depths", f"{b['streams32_tps']:.0f} tok/s = {b['streams32_gflops']:.1f} GFLOP/s = {b['streams32_of_matmul_rate']:.0%} of the matmul rate"),
-        ("built-in, TPOT at 64 / 900 tokens of context, fp32 KV cache (default)", f"{b['tpot_ms_fp32_64']:.2f} / {b['tpot_ms_fp32_900']:.2f} ms (speed ratio {b['speed_900_vs_64_fp32']:.2f})"),
-        ("built-in, TPOT at 64 / 900 tokens of context, `--kv-cache-dtype float16`", f"{b['tpot_ms_fp16_64']:.2f} / {b['tpot_ms_fp16_900']:.2f} ms (speed ratio {b['speed_900_vs_64_fp16']:.2f}; 900 on fp16 vs 64 on fp32: {b['speed_900_fp16_vs_64_fp32']:.2f})"),
+    ]  # fmt: skip
+
+
+def context_rows(c: dict) -> list[tuple[str, str]]:
+    return [
+        (f"built-in, T={c['depth']}, TPOT at 64 / 900 tokens of context, `--kv-cache-dtype {dtype}`",
+         f"{c[f'tpot_ms_{name}_64']:.2f} / {c[f'tpot_ms_{name}_900']:.2f} ms (speed ratio **{c[f'speed_900_vs_64_{name}']:.2f}**; 900 here vs 64 on fp32: {c[f'speed_900_{name}_vs_64_fp32']:.2f})")
+        for name, dtype in KV_DTYPES.items()
     ]  # fmt: skip
 
 
@@ -360,12 +386,12 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/fast_engine.json")
-    parser.add_argument("--sections", default="reference,builtin,big",
-                        help="which to run, comma-separated: reference, builtin, big")  # fmt: skip
+    parser.add_argument("--sections", default="reference,builtin,context,big",
+                        help="which to run, comma-separated: reference, builtin, context, big")  # fmt: skip
     args = parser.parse_args()
     sections = args.sections.split(",")
-    if unknown := set(sections) - {"reference", "builtin", "big"}:
-        parser.error(f"unknown sections {sorted(unknown)}: reference, builtin, big")
+    if unknown := set(sections) - {"reference", "builtin", "context", "big"}:
+        parser.error(f"unknown sections {sorted(unknown)}: reference, builtin, context, big")
     cores = os.cpu_count() or 1
     machine = {"matmul_gflops_1": matmul_gflops(1), "matmul_gflops_all": matmul_gflops(cores),
                "read_gbps_1": read_gbps(1), "read_gbps_all": read_gbps(cores)}  # fmt: skip
@@ -375,6 +401,8 @@ def main() -> None:
         report["reference"] = reference_section(reference_checkpoint(tmp), args.rounds)
     if "builtin" in sections:
         report["builtin"] = builtin_section(machine, args.rounds)
+    if "context" in sections:
+        report["context"] = context_section(args.rounds)
     if "big" in sections:
         report["big"] = big_section(machine, args.rounds, tmp)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, Specu
 
 log = logging.getLogger("parcae.serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --kv-cache-dtype's names (vLLM's: fp8 is e4m3) beside the weights' dtypes
+KV_CACHE_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def resolve_device(settings: ServerSettings) -> tuple[str, torch.dtype]:
@@ -139,7 +141,7 @@ def build(state: ServerState) -> None:
         compile=compile_mode(s.compile, device),
         typical_depth=default_depth,
         threads=threads,
-        kv_cache_dtype=DTYPES.get(s.kv_cache_dtype),  # auto: None, the model's dtype
+        kv_cache_dtype=KV_CACHE_DTYPES.get(s.kv_cache_dtype),  # auto: None, the model's dtype
         coda_wait=s.coda_wait,
     )
     probe = load_exit_probe(model_dir, device, cfg.d_rec)

@@ -87,12 +87,14 @@ class ServerSettings(BaseSettings):
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="KV-cache pool size (default: a share of free memory)"
     )
-    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3"] = Field(
         "auto",
         description="how the KV cache stores K/V (auto: the model's dtype). float16 or bfloat16 "
-        "halve the bytes a token's K/V takes, so the pool holds twice the tokens and decode "
-        "at long context reads half as much; attention still computes in the model's dtype "
-        "(or fp32), and own K/V are rounded as stored, so compiled and eager decode agree",
+        "halve the bytes a token's K/V takes, fp8 (= fp8_e4m3: float8 e4m3, saturating at "
+        "+-448, no scale) quarters them, so the pool holds more tokens and decode at long "
+        "context reads less; attention still computes in the model's dtype (or fp32), and own "
+        "K/V are rounded as stored, so compiled and eager decode agree. Lossy: "
+        "bench/RESULTS.md has the built-in model's held-out NLL cost of each",
     )
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     threads: int | None = Field(

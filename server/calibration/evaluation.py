@@ -47,20 +47,23 @@ def teacher_forced_nll(
     exit_probe: ExitProbe | None = None,
     per_token: bool = False,
     coda_wait: int | None = CODA_WAIT,
+    kv_dtype: torch.dtype | None = None,
 ) -> DecodeQuality:
     """Mean NLL of tokens 1..L-1 of each sequence (truncated to the shortest), decoding them
     through the paged cache one position per sequence at a time, every sequence's tokens
     batched as the engine batches decode (see `_depth_batched`). tokens_per_s: scored tokens
-    over the wall time of the decode, so exits that free loops show up as speed."""
+    over the wall time of the decode, so exits that free loops show up as speed. `kv_dtype`:
+    how the cache stores K/V (--kv-cache-dtype; default the model's dtype)."""
     length = min(len(s) for s in sequences)
     param = next(model.parameters())
+    kv_dtype = kv_dtype or param.dtype
     slot_policy = LoopSlotPolicy.parse(policy)
-    outer, rec = token_bytes(model.cfg, param.dtype)
+    outer, rec = token_bytes(model.cfg, kv_dtype)
     bytes_per_token = outer + slot_policy.num_slots(depth) * rec
     budget = (
         bytes_per_token * len(sequences) * (length + 16)
     )  # every sequence whole, one block spare
-    cache = KVCache(model.cfg, slot_policy, budget, depth, device=param.device, dtype=param.dtype)
+    cache = KVCache(model.cfg, slot_policy, budget, depth, device=param.device, dtype=kv_dtype)
     runner = ModelRunner(model, cache, exit_probe=exit_probe)
     seqs = []
     for i, tokens in enumerate(sequences):

@@ -153,7 +153,7 @@ def decode_attention(
     """softmax(q k^T * scale) v for one token per row on the CPU, computed in fp32.
 
     q: (B, H, D); k_self, v_self: (B, Hkv, D) the row's own K/V; pool_k, pool_v: (R, Hkv, D)
-    one layer's paged pool, contiguous, fp32, fp16 or bf16 (k_self and v_self in the same
+    one layer's paged pool, contiguous, fp32, fp16, bf16 or fp8 e4m3 (k_self and v_self in the same
     dtype; q fp32); rows: (B, L) long, the pool rows of each row's past
     positions, of which the first `lengths[b]` are real (the rest are ignored). H must be a
     multiple of Hkv (query heads h*G..h*G+G-1 share K/V head h). Returns (B, H, D) fp32.

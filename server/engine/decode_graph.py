@@ -31,7 +31,7 @@ from torch._dynamo.guards import CheckFunctionManager
 
 from parcae_serve.model.parcae import Parcae, derived_weights
 from parcae_serve.server.engine import cpu_kernels
-from parcae_serve.server.engine.kv_cache import KVCache
+from parcae_serve.server.engine.kv_cache import KVCache, copy_rows
 
 
 def configure_compiler() -> None:
@@ -289,10 +289,10 @@ def write_kv(flat_pools: tuple[Tensor, Tensor, Tensor, Tensor], w: KVWrites) -> 
     """Copy `w` into the pools, each seen as one (layers * rows, heads * hd) table
     (`flat_pools`, see `flat_views`)."""
     outer_k, outer_v, rec_k, rec_v = flat_pools
-    outer_k.index_copy_(0, w.outer_idx, w.outer_k)
-    outer_v.index_copy_(0, w.outer_idx, w.outer_v)
-    rec_k.index_copy_(0, w.rec_idx, w.rec_k)
-    rec_v.index_copy_(0, w.rec_idx, w.rec_v)
+    copy_rows(outer_k, w.outer_idx, w.outer_k)
+    copy_rows(outer_v, w.outer_idx, w.outer_v)
+    copy_rows(rec_k, w.rec_idx, w.rec_k)
+    copy_rows(rec_v, w.rec_idx, w.rec_v)
 
 
 def pools_of(cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -454,12 +454,12 @@ def cloned(out: DecodeResult) -> DecodeResult:
     return DecodeResult(**fields)
 
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def fused_attention_fits(cache: KVCache) -> bool:
     """Whether decode graphs over `cache` attend with the CPU kernel: pools on the CPU (fp32,
-    fp16 or bf16), and the kernel built (`cpu_kernels.available`)."""
+    fp16, bf16 or fp8 e4m3), and the kernel built (`cpu_kernels.available`)."""
     pool = cache.outer_k
     return pool.device.type == "cpu" and pool.dtype in KERNEL_DTYPES and cpu_kernels.available()
 

@@ -196,6 +196,16 @@ class SwappedKV:
         return sum(t.nbytes for t in (self.outer_k, self.outer_v, self.rec_k, self.rec_v))
 
 
+def copy_rows(table: Tensor, index: Tensor, rows: Tensor) -> None:
+    """`table.index_copy_(0, index, rows)`, `rows` rounded to the table's dtype (a pool's K/V
+    as --kv-cache-dtype stores them). One-byte (fp8) tables are written as their bytes: torch
+    has no CPU index_copy_ for float8."""
+    rows = rows.to(table.dtype)
+    if table.element_size() == 1 and table.is_floating_point():
+        table, rows = table.view(torch.uint8), rows.view(torch.uint8)
+    table.index_copy_(0, index, rows)
+
+
 def layer_shapes(cfg: ParcaeConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     """(kv_heads, head_dim) of the outer layers and of the recurrent layers."""
     outer = (cfg.num_key_value_heads, cfg.n_embd // cfg.num_attention_heads)

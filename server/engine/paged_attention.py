@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from parcae_serve.model.parcae import sdpa
-from parcae_serve.server.engine.kv_cache import BlockTable, KVCache
+from parcae_serve.server.engine.kv_cache import BlockTable, KVCache, copy_rows
 
 
 @dataclass
@@ -79,8 +79,8 @@ class PagedAttention:
         # the pool may store K/V in another dtype (--kv-cache-dtype): written rounded to it,
         # read back in the model's
         new_k, new_v = (t[0].transpose(0, 1).reshape(-1, heads * hd) for t in (k, v))
-        flat_k.index_copy_(0, self.write_rows, new_k.to(flat_k.dtype))
-        flat_v.index_copy_(0, self.write_rows, new_v.to(flat_v.dtype))
+        copy_rows(flat_k, self.write_rows, new_k)
+        copy_rows(flat_v, self.write_rows, new_v)
         outs = []
         if self.n_dec:
             B, L = self.dec_rows.shape

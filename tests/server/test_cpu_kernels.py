@@ -78,9 +78,10 @@ def test_kernel_matches_softmax_attention(B, H, Hkv, D, L, lengths) -> None:
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_reads_half_precision_pools(dtype) -> None:
-    """K/V stored in half precision (--kv-cache-dtype): read as stored, computed in fp32."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_kernel_reads_narrow_pools(dtype) -> None:
+    """K/V stored in half precision or fp8 (--kv-cache-dtype): read as stored, computed in
+    fp32."""
     for D in (24, 64, 80):  # vector tails, the register-tiled loop (AVX2 and AVX-512), both
         q, *kv, rows, lengths = inputs(3, 8, 2, D, 300, [0, 130, 300])
         kv = [t.to(dtype) for t in kv]
@@ -90,6 +91,26 @@ def test_kernel_reads_half_precision_pools(dtype) -> None:
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="dtype"):  # own K/V not rounded as the pool stores
         cpu_kernels.decode_attention(q, kv[0].float(), *kv[1:], rows, lengths, 1)
+
+
+@pytest.mark.parametrize("D", [16, 20])  # whole vectors (AVX2 and AVX-512), and a scalar tail
+def test_kernel_reads_every_fp8_value_as_torch_does(D: int) -> None:
+    """Row b's one past position holds fp8 byte b (every byte but the two NaNs) in all of its
+    V, and its keys put all the weight there (its own score is 64 below): the output is that
+    V read back exactly, subnormals, zeros and +-448 included."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    B = len(codes)
+    pool_v = codes[:, None, None].expand(B, 1, D).contiguous().view(torch.float8_e4m3fn)
+    pool_k = torch.full((B, 1, D), 2.0).to(torch.float8_e4m3fn)
+    q = torch.ones(B, 1, D)
+    k_self = (-pool_k[:B].float()).to(torch.float8_e4m3fn)
+    v_self = torch.zeros(B, 1, D).to(torch.float8_e4m3fn)
+    rows, lengths = torch.arange(B)[:, None], torch.ones(B, dtype=torch.long)
+    scale = 16 / D  # scores +-32
+    got = cpu_kernels.decode_attention(q, k_self, v_self, pool_k, pool_v, rows, lengths, scale)
+    assert torch.equal(got, pool_v.float())
+    assert got.abs().max() == 448 and (got[:, 0, 0] == 0).sum() == 2  # +0 and -0
 
 
 def test_kernel_rejects_bad_input() -> None:

@@ -183,11 +183,17 @@ def test_prefix_hit_with_exits_equals_a_cold_run() -> None:
         fresh.stop()
 
 
-@pytest.mark.parametrize("policy", ["per-loop", *LOSSY])
-def test_preemption_never_changes_output(policy: str) -> None:
-    # a pool of 24 bundles; four sequences of 12 bundles each cannot all stay resident
-    probe = KVCache(NOISY, LoopSlotPolicy.parse(policy), 0, typical_depth=3, block_size=4)
-    eng = make_engine(policy, chunk=8, kv_bytes=24 * probe.bundle_bytes(probe.policy.num_slots(3)))
+@pytest.mark.parametrize(
+    ("policy", "kv_dtype"),
+    [("per-loop", None), *((p, None) for p in LOSSY), ("shared:1", torch.float8_e4m3fn)],
+)
+def test_preemption_never_changes_output(policy: str, kv_dtype: torch.dtype | None) -> None:
+    # a pool of 24 bundles; four sequences of 12 bundles each cannot all stay resident (fp8:
+    # bundles of one-byte K/V, swapped out and back as bytes)
+    probe = KVCache(NOISY, LoopSlotPolicy.parse(policy), 0, typical_depth=3, block_size=4,
+                    dtype=kv_dtype or torch.float32)  # fmt: skip
+    eng = make_engine(policy, chunk=8, kv_bytes=24 * probe.bundle_bytes(probe.policy.num_slots(3)),
+                      kv_cache_dtype=kv_dtype)  # fmt: skip
     try:
         prompts = [PROMPT[i : i + 7] for i in range(4)]
         reqs = [request(p, depth=4, seed=i, max_tokens=38) for i, p in enumerate(prompts)]

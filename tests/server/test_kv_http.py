@@ -16,7 +16,11 @@ import torch
 from parcae_serve.model.config import ParcaeConfig
 from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint
 from parcae_serve.model.tokenizer import Tokenizer
+from parcae_serve.server.engine.engine import Engine, EngineConfig
 from parcae_serve.server.engine.kv_cache import token_bytes
+from parcae_serve.server.engine.sampling import SamplingParams
+from parcae_serve.server.engine.scheduler import SchedulerConfig
+from parcae_serve.server.engine.sequence import EngineRequest, LoopParams
 from tests.conftest import running_server
 from tests.helpers import random_model, reference_cfg
 from tests.model.reference import reference_forward
@@ -138,3 +142,32 @@ def test_preemption_and_prefix_reuse_never_change_a_response(tiny_model_dir) -> 
         assert hits() == before + len(long) // 4 * 4  # BOS + 40 tokens: whole blocks of 4
         assert warm[0] == cold[0]
         assert torch.allclose(torch.tensor(warm[1]), torch.tensor(cold[1]), atol=1e-4)
+
+
+def test_fp8_kv_cache_serves_what_the_engine_decodes_over_fp8_pools(tiny_model_dir) -> None:
+    """--kv-cache-dtype fp8: /v1/models says float8_e4m3fn, and a greedy completion is the
+    in-process engine's over fp8 pools (same policy), token for token and logprob for logprob,
+    which the fp32 cache's logprobs are not. (The server adds BOS; the engine is given it.)"""
+    prompt = [(7 * i + 3) % 300 + 3 for i in range(30)]
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    flags = ("--kv-policy", "per-loop", "--block-size", "4")
+    with running_server(tiny_model_dir, *flags, "--kv-cache-dtype", "fp8") as server:
+        assert models_card(server.url)["kv_cache_dtype"] == "float8_e4m3fn"
+        got, got_lp = complete(server.url, prompt, max_tokens=10, recurrence_depth=4)
+    sched = SchedulerConfig(max_batch=4)
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=0, ignore_eos=True)
+    request = EngineRequest([tok.bos_id, *prompt], params, LoopParams(4))
+    outputs = {}
+    for dtype in (torch.float8_e4m3fn, torch.float32):
+        config = EngineConfig(sched, kv_policy="per-loop", block_size=4, kv_cache_dtype=dtype)
+        engine = Engine(load_checkpoint(tiny_model_dir), config)
+        engine.start()
+        try:
+            out = [o for o in engine.generate_sync(request) if o.token is not None]
+        finally:
+            engine.stop()
+        outputs[dtype] = [o.token for o in out], [o.logprob for o in out]
+    assert got == outputs[torch.float8_e4m3fn][0]
+    served = torch.tensor(got_lp)
+    assert torch.allclose(served, torch.tensor(outputs[torch.float8_e4m3fn][1]), atol=1e-5)
+    assert not torch.allclose(served, torch.tensor(outputs[torch.float32][1]), atol=1e-5)

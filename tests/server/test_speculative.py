@@ -37,11 +37,12 @@ def random_prompts(n: int, seed: int, vocab: int = 100) -> list[list[int]]:
         (ZERO_INIT, "off", None),
         (NOISY, "eager", None),
         (NOISY, "eager", torch.float16),
+        (NOISY, "eager", torch.float8_e4m3fn),
     ],
 )
 def test_greedy_output_equals_plain_decoding_for_every_depth(cfg, compile_mode, kv_dtype) -> None:
     """Per-loop (exact) policy: every depth, draft depth and draft length, many prompts; with
-    a half-precision KV cache too (drafts and verification round K/V as the pool stores them)."""
+    a half-precision or fp8 KV cache too (drafts and verification round K/V as the pool stores them)."""
     engine = make_engine(cfg, compile=compile_mode, block_size=8, kv_cache_dtype=kv_dtype)
     try:
         rng = random.Random(1)

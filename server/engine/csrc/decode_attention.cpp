@@ -1,7 +1,8 @@
 // Paged decode attention on the CPU: one query token per row attends to its past positions,
 // read in place from a paged K/V pool through per-row indices, and to its own fresh K/V. The pool
-// (and the own K/V, rounded as the pool stores them) may be fp32, fp16 or bf16; queries, scores
-// and the output are fp32, so a half-precision pool halves the bytes read and nothing else.
+// (and the own K/V, rounded as the pool stores them) may be fp32, fp16, bf16 or fp8 (e4m3);
+// queries, scores and the output are fp32, so a narrower pool cuts the bytes read and nothing
+// else.
 //
 // Why hand-written: inductor writes this gather-and-reduce as index arithmetic, a bounds check
 // and a horizontal sum per (position, head), ~150 cycles each; here a position costs one
@@ -12,7 +13,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +39,38 @@ inline Vec load_f32(const T* p) {
   return out;
 }
 
+// One stored K/V element as the kernel computes with it: its value, except fp8's, which is read
+// as value / STORED_SCALE<Fp8> (exact: a power of two). The scores' scale and the output's
+// normalisation put the factor back, once per score and per output element.
+template <typename T>
+constexpr float STORED_SCALE = 1.f;
+template <typename T>
+inline float to_f32(T x) { return static_cast<float>(x); }
+
+// fp8 e4m3fn (torch.float8_e4m3fn; pools hold torch's saturating casts, never NaN). Sign-
+// extended to 16 bits, moved up by 7 and with bit 14 cleared, its bits are the fp16 whose value
+// is the fp8's times 2^-8, normals and subnormals alike (both formats' subnormals have exponent
+// field 0): three integer ops and the F16C / AVX-512 conversion read 8 or 16 values.
+using Fp8 = c10::Float8_e4m3fn;
+template <>
+constexpr float STORED_SCALE<Fp8> = 256.f;
+inline float to_f32(Fp8 x) { return static_cast<float>(x) * (1.f / 256.f); }
+inline Vec load_f32(const Fp8* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(-0x4080));
+  return Vec(_mm512_cvtph_ps(h));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m128i w = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_and_si128(_mm_slli_epi16(w, 7), _mm_set1_epi16(-0x4080));
+  return Vec(_mm256_cvtph_ps(h));
+#else
+  float out[Vec::size()];
+  for (int64_t i = 0; i < Vec::size(); ++i) out[i] = to_f32(p[i]);
+  return Vec::loadu(out);
+#endif
+}
+
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
   Vec acc(0.f);
@@ -40,7 +78,7 @@ inline float dot(const float* a, const T* b, int64_t n) {
   for (; i + Vec::size() <= n; i += Vec::size())
     acc = at::vec::fmadd(Vec::loadu(a + i), load_f32(b + i), acc);
   float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  for (; i < n; ++i) s += a[i] * to_f32(b[i]);
   return s;
 }
 
@@ -96,7 +134,7 @@ inline void scores_block(const float* q, const T* const* rows, int64_t off, int6
   }
   for (int64_t p = 0; p < POSITIONS; ++p) {
     s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a[p]);
-    for (int64_t i = d; i < D; ++i) s[p] += q[i] * static_cast<float>(rows[p][off + i]);
+    for (int64_t i = d; i < D; ++i) s[p] += q[i] * to_f32(rows[p][off + i]);
   }
 }
 
@@ -125,9 +163,20 @@ inline void weighted_sum(const float* w, const T* const* rows, int64_t len, int6
   }
   for (; d < D; ++d) {
     float r = 0.f;
-    for (int64_t j = 0; j < len; ++j) r += w[j] * static_cast<float>(rows[j][off + d]);
+    for (int64_t j = 0; j < len; ++j) r += w[j] * to_f32(rows[j][off + d]);
     out[d] = r;
   }
+}
+
+// Every cache line of `n` pool rows of `bytes` each, requested at once. The loops below read a
+// row one head (K) or a few vectors (V) at a time: strided streams that the hardware fetches
+// a line per row and pass, so at long context, where the rows come from DRAM, a chunk waited
+// on memory latency; with its lines all in flight, it waits on bandwidth.
+template <typename T>
+inline void prefetch_rows(const T* const* rows, int64_t n, int64_t bytes) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < bytes; b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(rows[j]) + b);
 }
 
 // Per task scratch, reused across its chunks.
@@ -152,6 +201,8 @@ void attend_chunk(const Chunk<T>& c, const Shape<T>& sh, float* m, float* sum, f
     TORCH_CHECK(r >= 0 && r < sh.num_rows, "pool row ", r, " out of range [0, ", sh.num_rows, ")");
     x.k[l - c.begin] = sh.pool_k + r * row_size, x.v[l - c.begin] = sh.pool_v + r * row_size;
   }
+  prefetch_rows(x.k.data(), len, row_size * sizeof(T));
+  prefetch_rows(x.v.data(), len, row_size * sizeof(T));
   x.scores.resize(H * len);
   for (int64_t hq = 0; hq < H; ++hq) {
     const int64_t off = (hq / G) * D;
@@ -160,7 +211,8 @@ void attend_chunk(const Chunk<T>& c, const Shape<T>& sh, float* m, float* sum, f
     int64_t j = 0;
     for (; j + POSITIONS <= len; j += POSITIONS) scores_block(q, &x.k[j], off, D, s + j);
     for (; j < len; ++j) s[j] = dot(q, x.k[j] + off, D);
-    at::vec::map([scale = sh.scale](Vec a) { return a * Vec(scale); }, s, s, len);
+    at::vec::map([scale = sh.scale * STORED_SCALE<T>](Vec a) { return a * Vec(scale); }, s, s,
+                 len);
     m[hq] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s,
                                        len);
     const float mh = m[hq];
@@ -170,9 +222,10 @@ void attend_chunk(const Chunk<T>& c, const Shape<T>& sh, float* m, float* sum, f
   }
 }
 
-// out (H, D) = the chunks' results rescaled to their common max and normalised.
+// out (H, D) = the chunks' results rescaled to their common max and normalised; v_scale: what
+// the V rows were read divided by (STORED_SCALE).
 void merge(int64_t chunks, int64_t H, int64_t D, const float* m, const float* sum,
-           const float* acc, float* out) {
+           const float* acc, float v_scale, float* out) {
   for (int64_t hq = 0; hq < H; ++hq) {
     float top = -std::numeric_limits<float>::infinity();
     for (int64_t c = 0; c < chunks; ++c) top = std::max(top, m[c * H + hq]);
@@ -184,7 +237,8 @@ void merge(int64_t chunks, int64_t H, int64_t D, const float* m, const float* su
       total += w * sum[c * H + hq];
       axpy(w, acc + (c * H + hq) * D, o, D);
     }
-    for (int64_t i = 0; i < D; ++i) o[i] /= total;
+    const float norm = v_scale / total;
+    for (int64_t i = 0; i < D; ++i) o[i] *= norm;
   }
 }
 
@@ -226,19 +280,20 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
   for (int64_t b = 0; b < B; ++b)
     merge(first[b + 1] - first[b], H, D, &m[first[b] * H], &sum[first[b] * H],
-          &acc[first[b] * H * D], op + b * H * D);
+          &acc[first[b] * H * D], STORED_SCALE<T>, op + b * H * D);
 }
 
 // q (B, H, D) fp32; k_self, v_self (B, Hkv, D) and pool_k, pool_v (R, Hkv, D) of one dtype: fp32,
-// fp16 or bf16; rows (B, L) pool rows of each row's past positions; lengths (B,) how many of them
+// fp16, bf16 or fp8 e4m3; rows (B, L) pool rows of each row's past positions; lengths (B,) how many of them
 // are real. Returns (B, H, D) fp32.
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                             const at::Tensor& pool_k, const at::Tensor& pool_v,
                             const at::Tensor& rows_in, const at::Tensor& lengths_in,
                             double scale) {
   const auto kv = pool_k.scalar_type();
-  TORCH_CHECK(kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16,
-              "pool_k has dtype ", kv, "; expected Float, Half or BFloat16");
+  TORCH_CHECK(kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16 ||
+                  kv == at::kFloat8_e4m3fn,
+              "pool_k has dtype ", kv, "; expected Float, Half, BFloat16 or Float8_e4m3fn");
   check(q_in, "q", 3, at::kFloat);
   check(k_in, "k_self", 3, kv);
   check(v_in, "v_self", 3, kv);
@@ -261,8 +316,10 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
     attend_rows<float>(q, k, v, pool_k, pool_v, rows, lengths, s, out);
   else if (kv == at::kHalf)
     attend_rows<c10::Half>(q, k, v, pool_k, pool_v, rows, lengths, s, out);
-  else
+  else if (kv == at::kBFloat16)
     attend_rows<c10::BFloat16>(q, k, v, pool_k, pool_v, rows, lengths, s, out);
+  else
+    attend_rows<Fp8>(q, k, v, pool_k, pool_v, rows, lengths, s, out);
   return out;
 }
 
