@@ -86,8 +86,8 @@ def test_decode_graph_equals_the_eager_runner_for_every_policy_and_depth(policy:
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
 def test_narrow_kv_cache_decodes_as_the_eager_runner(kv_dtype) -> None:
     """--kv-cache-dtype: an fp32 model over fp16 / bf16 / fp8 pools. The graph (with the CPU kernel
-    for batches) rounds its own K/V as the pools store them, so it matches the eager runner,
-    which writes them there and reads them back."""
+    for batches, and over fp8 for single rows too) rounds its own K/V as the pools store them, so
+    it matches the eager runner, which writes them there and reads them back."""
     depths = [2, 3]
     reqs = requests(depths)
     ref = engine("first:2", "off", [], kv_cache_dtype=kv_dtype)

@@ -189,7 +189,7 @@ def test_prefix_hit_with_exits_equals_a_cold_run() -> None:
 )
 def test_preemption_never_changes_output(policy: str, kv_dtype: torch.dtype | None) -> None:
     # a pool of 24 bundles; four sequences of 12 bundles each cannot all stay resident (fp8:
-    # bundles of one-byte K/V, swapped out and back as bytes)
+    # bundles of one-byte K/V, swapped out to host memory and back)
     probe = KVCache(NOISY, LoopSlotPolicy.parse(policy), 0, typical_depth=3, block_size=4,
                     dtype=kv_dtype or torch.float32)  # fmt: skip
     eng = make_engine(policy, chunk=8, kv_bytes=24 * probe.bundle_bytes(probe.policy.num_slots(3)),
