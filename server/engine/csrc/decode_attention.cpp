@@ -120,20 +120,34 @@ constexpr int64_t POSITIONS = 8;  // scores computed together: independent FMA c
 constexpr int64_t TILE = 4;       // output vectors a weighted-sum pass keeps in registers
 
 // s[p] = q . rows[p][off, off + D) for POSITIONS rows: one accumulator per row, so the FMAs of
-// different rows overlap instead of waiting on one chain (and one horizontal sum per row).
+// different rows overlap instead of waiting on one chain (and one horizontal sum per row). The
+// eight are named, not an array: with `Vec a[8]` GCC stored every accumulator to the stack on
+// every step (found with perf annotate); named, they stay in registers: one row at 900
+// positions, fp8, 2-core AMD EPYC, 103 -> 84 us a call on rows not in cache, 111 -> 95 on
+// cached ones (medians of 3 alternating runs).
 template <typename T>
 inline void scores_block(const float* q, const T* const* rows, int64_t off, int64_t D,
                          float* s) {
-  Vec a[POSITIONS];
-  for (int64_t p = 0; p < POSITIONS; ++p) a[p] = Vec(0.f);
+  static_assert(POSITIONS == 8, "scores_block names its eight accumulators");
+  const T *r0 = rows[0] + off, *r1 = rows[1] + off, *r2 = rows[2] + off, *r3 = rows[3] + off;
+  const T *r4 = rows[4] + off, *r5 = rows[5] + off, *r6 = rows[6] + off, *r7 = rows[7] + off;
+  Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f), a4(0.f), a5(0.f), a6(0.f), a7(0.f);
   int64_t d = 0;
   for (; d + Vec::size() <= D; d += Vec::size()) {
     const Vec qv = Vec::loadu(q + d);
-    for (int64_t p = 0; p < POSITIONS; ++p)
-      a[p] = at::vec::fmadd(qv, load_f32(rows[p] + off + d), a[p]);
+    a0 = at::vec::fmadd(qv, load_f32(r0 + d), a0);
+    a1 = at::vec::fmadd(qv, load_f32(r1 + d), a1);
+    a2 = at::vec::fmadd(qv, load_f32(r2 + d), a2);
+    a3 = at::vec::fmadd(qv, load_f32(r3 + d), a3);
+    a4 = at::vec::fmadd(qv, load_f32(r4 + d), a4);
+    a5 = at::vec::fmadd(qv, load_f32(r5 + d), a5);
+    a6 = at::vec::fmadd(qv, load_f32(r6 + d), a6);
+    a7 = at::vec::fmadd(qv, load_f32(r7 + d), a7);
   }
+  const Vec sums[POSITIONS] = {a0, a1, a2, a3, a4, a5, a6, a7};
   for (int64_t p = 0; p < POSITIONS; ++p) {
-    s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a[p]);
+    Vec total = sums[p];
+    s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
     for (int64_t i = d; i < D; ++i) s[p] += q[i] * to_f32(rows[p][off + i]);
   }
 }
