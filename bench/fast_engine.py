@@ -48,7 +48,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.serve_bench import PROMPT, reference_checkpoint, run_streams  # noqa: E402
 from parcae_serve.model.config import ParcaeConfig  # noqa: E402
-from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from parcae_serve.model.loading import (  # noqa: E402
+    builtin_checkpoint,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
 from parcae_serve.model.parcae import Parcae, sdpa  # noqa: E402
 from parcae_serve.server.engine.engine import Engine, EngineConfig  # noqa: E402
 from parcae_serve.server.engine.sampling import SamplingParams  # noqa: E402
@@ -257,7 +262,7 @@ def context_section(rounds: int) -> dict:
     context, one server per KV-cache dtype (each compiled for that depth only), the servers
     and lengths interleaved `rounds` times."""
     model_dir = builtin_checkpoint()
-    T = load_checkpoint(model_dir).cfg.mean_recurrence
+    T = ParcaeConfig.from_dict(read_config(model_dir)).mean_recurrence  # no weights needed
     long_prompt = [(i * 7919) % 4000 + 10 for i in range(900)]
     logs = ROOT / "bench/out"
     logs.mkdir(parents=True, exist_ok=True)

@@ -146,8 +146,7 @@ inline void scores_block(const float* q, const T* const* rows, int64_t off, int6
   }
   const Vec sums[POSITIONS] = {a0, a1, a2, a3, a4, a5, a6, a7};
   for (int64_t p = 0; p < POSITIONS; ++p) {
-    Vec total = sums[p];
-    s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
+    s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sums[p]);
     for (int64_t i = d; i < D; ++i) s[p] += q[i] * to_f32(rows[p][off + i]);
   }
 }
