@@ -95,7 +95,8 @@ def test_kernel_reads_narrow_pools(dtype) -> None:
         cpu_kernels.decode_attention(q, kv[0].float(), *kv[1:], rows, lengths, 1)
 
 
-@pytest.mark.parametrize("D", [16, 20])  # whole vectors (AVX2 and AVX-512), and a scalar tail
+# 16, 32, 64: the output tiles of two, four and eight vectors (AVX2); 20: a scalar tail
+@pytest.mark.parametrize("D", [16, 20, 32, 64])
 def test_kernel_reads_every_fp8_value_as_torch_does(D: int) -> None:
     """Row b's one past position holds fp8 byte b (every byte but the two NaNs) in all of its
     V, and its keys put all the weight there (its own score is 64 below): the output is that

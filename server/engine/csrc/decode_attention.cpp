@@ -71,6 +71,22 @@ inline Vec load_f32(const Fp8* p) {
 #endif
 }
 
+// 2 * Vec::size() elements as two vectors. fp8 on AVX2: one 16-byte load, widened and converted
+// as 16 lanes (one sign extension, shift and mask for both halves).
+template <typename T>
+inline void load_f32x2(const T* p, Vec& lo, Vec& hi) {
+  lo = load_f32(p);
+  hi = load_f32(p + Vec::size());
+}
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+inline void load_f32x2(const Fp8* p, Vec& lo, Vec& hi) {
+  const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(-0x4080));
+  lo = Vec(_mm256_cvtph_ps(_mm256_castsi256_si128(h)));
+  hi = Vec(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
+}
+#endif
+
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
   Vec acc(0.f);
@@ -117,7 +133,23 @@ struct Shape {
 };
 
 constexpr int64_t POSITIONS = 8;  // scores computed together: independent FMA chains
-constexpr int64_t TILE = 4;       // output vectors a weighted-sum pass keeps in registers
+
+// s[0..8) = the horizontal sums of eight vectors. AVX2: a tree of horizontal adds (six of them, two
+// lane permutes and an add for all eight, where summing each alone takes three shuffles and three
+// adds).
+inline void reduce8(Vec a0, Vec a1, Vec a2, Vec a3, Vec a4, Vec a5, Vec a6, Vec a7, float* s) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  // u0: a0..a3's sums over the low 128 bits, then over the high 128 bits; u1: a4..a7's
+  _mm256_storeu_ps(s, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                    _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+  const Vec sums[POSITIONS] = {a0, a1, a2, a3, a4, a5, a6, a7};
+  for (int64_t p = 0; p < POSITIONS; ++p)
+    s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sums[p]);
+#endif
+}
 
 // s[p] = q . rows[p][off, off + D) for POSITIONS rows: one accumulator per row, so the FMAs of
 // different rows overlap instead of waiting on one chain (and one horizontal sum per row). The
@@ -132,8 +164,21 @@ inline void scores_block(const float* q, const T* const* rows, int64_t off, int6
   const T *r0 = rows[0] + off, *r1 = rows[1] + off, *r2 = rows[2] + off, *r3 = rows[3] + off;
   const T *r4 = rows[4] + off, *r5 = rows[5] + off, *r6 = rows[6] + off, *r7 = rows[7] + off;
   Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f), a4(0.f), a5(0.f), a6(0.f), a7(0.f);
+  constexpr int64_t V = Vec::size();
   int64_t d = 0;
-  for (; d + Vec::size() <= D; d += Vec::size()) {
+  for (; d + 2 * V <= D; d += 2 * V) {
+    const Vec qa = Vec::loadu(q + d), qb = Vec::loadu(q + d + V);
+    Vec lo, hi;
+    load_f32x2(r0 + d, lo, hi), a0 = at::vec::fmadd(qa, lo, a0), a0 = at::vec::fmadd(qb, hi, a0);
+    load_f32x2(r1 + d, lo, hi), a1 = at::vec::fmadd(qa, lo, a1), a1 = at::vec::fmadd(qb, hi, a1);
+    load_f32x2(r2 + d, lo, hi), a2 = at::vec::fmadd(qa, lo, a2), a2 = at::vec::fmadd(qb, hi, a2);
+    load_f32x2(r3 + d, lo, hi), a3 = at::vec::fmadd(qa, lo, a3), a3 = at::vec::fmadd(qb, hi, a3);
+    load_f32x2(r4 + d, lo, hi), a4 = at::vec::fmadd(qa, lo, a4), a4 = at::vec::fmadd(qb, hi, a4);
+    load_f32x2(r5 + d, lo, hi), a5 = at::vec::fmadd(qa, lo, a5), a5 = at::vec::fmadd(qb, hi, a5);
+    load_f32x2(r6 + d, lo, hi), a6 = at::vec::fmadd(qa, lo, a6), a6 = at::vec::fmadd(qb, hi, a6);
+    load_f32x2(r7 + d, lo, hi), a7 = at::vec::fmadd(qa, lo, a7), a7 = at::vec::fmadd(qb, hi, a7);
+  }
+  for (; d + V <= D; d += V) {
     const Vec qv = Vec::loadu(q + d);
     a0 = at::vec::fmadd(qv, load_f32(r0 + d), a0);
     a1 = at::vec::fmadd(qv, load_f32(r1 + d), a1);
@@ -144,30 +189,43 @@ inline void scores_block(const float* q, const T* const* rows, int64_t off, int6
     a6 = at::vec::fmadd(qv, load_f32(r6 + d), a6);
     a7 = at::vec::fmadd(qv, load_f32(r7 + d), a7);
   }
-  const Vec sums[POSITIONS] = {a0, a1, a2, a3, a4, a5, a6, a7};
-  for (int64_t p = 0; p < POSITIONS; ++p) {
-    s[p] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sums[p]);
+  reduce8(a0, a1, a2, a3, a4, a5, a6, a7, s);
+  for (int64_t p = 0; p < POSITIONS; ++p)
     for (int64_t i = d; i < D; ++i) s[p] += q[i] * to_f32(rows[p][off + i]);
-  }
 }
 
-// out[0, D) = sum_j w[j] * rows[j][off, off + D): TILE output vectors at a time stay in
-// registers while every row is visited (no load-add-store of the output per row).
+// out[0, N * Vec::size()) = sum_j w[j] * rows[j][0, ...): N output vectors stay in registers
+// while every row is visited (no load-add-store of the output per row), read two at a time.
+template <int64_t N, typename T>
+inline void weighted_tile(const float* w, const T* const* rows, int64_t len, int64_t off,
+                          float* out) {
+  static_assert(N % 2 == 0, "a tile is read two vectors at a time");
+  constexpr int64_t V = Vec::size();
+  Vec r[N];
+  for (int64_t i = 0; i < N; ++i) r[i] = Vec(0.f);
+  for (int64_t j = 0; j < len; ++j) {
+    const Vec wj(w[j]);
+    const T* x = rows[j] + off;
+    for (int64_t i = 0; i < N; i += 2) {
+      Vec lo, hi;
+      load_f32x2(x + i * V, lo, hi);
+      r[i] = at::vec::fmadd(wj, lo, r[i]);
+      r[i + 1] = at::vec::fmadd(wj, hi, r[i + 1]);
+    }
+  }
+  for (int64_t i = 0; i < N; ++i) r[i].store(out + i * V);
+}
+
+// out[0, D) = sum_j w[j] * rows[j][off, off + D): the widest tiles first (one pass over the rows
+// for a 64-wide head on AVX2: eight independent FMA chains; four took two passes).
 template <typename T>
 inline void weighted_sum(const float* w, const T* const* rows, int64_t len, int64_t off,
                          int64_t D, float* out) {
   constexpr int64_t V = Vec::size();
   int64_t d = 0;
-  for (; d + TILE * V <= D; d += TILE * V) {
-    Vec r[TILE];
-    for (int64_t i = 0; i < TILE; ++i) r[i] = Vec(0.f);
-    for (int64_t j = 0; j < len; ++j) {
-      const Vec wj(w[j]);
-      for (int64_t i = 0; i < TILE; ++i)
-        r[i] = at::vec::fmadd(wj, load_f32(rows[j] + off + d + i * V), r[i]);
-    }
-    for (int64_t i = 0; i < TILE; ++i) r[i].store(out + d + i * V);
-  }
+  for (; d + 8 * V <= D; d += 8 * V) weighted_tile<8>(w, rows, len, off + d, out + d);
+  for (; d + 4 * V <= D; d += 4 * V) weighted_tile<4>(w, rows, len, off + d, out + d);
+  for (; d + 2 * V <= D; d += 2 * V) weighted_tile<2>(w, rows, len, off + d, out + d);
   for (; d + V <= D; d += V) {
     Vec r(0.f);
     for (int64_t j = 0; j < len; ++j)
