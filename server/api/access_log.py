@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("parcae.access")
 MAX_ID_CHARS = 128
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the response
 RECORD_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "mean_depth", "model")
 
 
@@ -49,7 +50,7 @@ class AccessLog:
         rid = request_id(Headers(scope=scope).get("x-request-id"))
         record: dict = {"request_id": rid}
         scope.setdefault("state", {})["access"] = record
-        status = 500  # if the app fails before it answers
+        status = 0  # none sent yet
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -58,9 +59,13 @@ class AccessLog:
                 MutableHeaders(scope=message)["x-request-id"] = rid
             await send(message)
 
+        failed = True
         try:
             await self.app(scope, receive, send_with_id)
+            failed = False
         finally:
+            if not status:  # nothing answered: the app failed, or the client left first
+                status = 500 if failed else CLIENT_CLOSED
             self._write(scope, status, record, time.perf_counter() - started)
         return None
 

@@ -195,13 +195,7 @@ class CompletionService:
         choices = []
         tokenized = await self._tokenize(prompts, req.add_special_tokens)
         for p_idx, (text, ids, added_bos) in enumerate(tokenized):
-            capacity = self.engine.capacity_tokens(depth, loops.kv_policy)
-            budget = min(self.limits.max_context, capacity) - len(ids)
-            if budget < 0 or len(ids) >= self.limits.max_context:
-                raise _context_exceeded(
-                    self.limits.max_context, f"the prompt has {len(ids)} tokens"
-                )
-            max_tokens = budget if req.max_tokens is None else min(req.max_tokens, budget)
+            max_tokens = self._room(ids, req.max_tokens, depth, loops)
             for i in range(req.n):
                 sampling = self._sampling(req, max_tokens, None if seed is None else seed + i)
                 sampling.logit_bias = bias
@@ -210,6 +204,25 @@ class CompletionService:
                                 added_bos)  # fmt: skip
                 choices.append(choice)
         return choices
+
+    def _room(self, ids: list[int], max_tokens: int | None, depth: int, loops: LoopParams) -> int:
+        """The request's max_tokens clipped to the room its prompt leaves (unset: all of it) in
+        the model's context or, at this depth and KV policy, the cache: 400 naming the limit that
+        binds when the prompt does not fit, or fills it and a completion is asked for (a full
+        window may still be scored: max_tokens 0)."""
+        capacity = self.engine.capacity_tokens(depth, loops.kv_policy)
+        room = min(self.limits.max_context, capacity) - len(ids)
+        if room > 0 or (room == 0 and max_tokens == 0):
+            return room if max_tokens is None else min(max_tokens, room)
+        what = f"the prompt has {len(ids)} tokens"
+        if room == 0:
+            what += ", which leaves no room for a completion"
+        if capacity < self.limits.max_context:
+            raise APIError(400, f"The KV cache holds at most {capacity} tokens of one sequence "
+                           f"at recurrence depth {depth} (--kv-cache-bytes, KV policy "
+                           f"{loops.kv_policy or self.engine.cache.policy}); {what}.",
+                           param="prompt", code="context_length_exceeded")  # fmt: skip
+        raise _context_exceeded(self.limits.max_context, what)
 
     def _choose_from_frontier(self, req: CompletionRequest, depth_given: bool) -> None:
         """`auto`: replace the request's depth and exit with the fastest measured setting within
@@ -235,8 +248,7 @@ class CompletionService:
         try:
             looping = self.limits.models.resolve(req.model)
         except UnknownModel:
-            raise APIError(404, f"The model `{req.model}` does not exist.", "NotFoundError",
-                           "model", "model_not_found") from None  # fmt: skip
+            raise model_not_found(req.model) from None
         for name, value in looping:
             if value is not None and name not in req.model_fields_set:
                 setattr(req, name, value)
@@ -329,7 +341,7 @@ class CompletionService:
                 continue
             if not p:
                 raise APIError(400, "a token prompt must not be empty", param="prompt")
-            if len(p) >= self.limits.max_context:
+            if len(p) > self.limits.max_context:  # too long even with no BOS and no completion
                 raise _context_exceeded(self.limits.max_context, f"the prompt has {len(p)} tokens")
             if min(p) < 0 or max(p) >= self.limits.vocab_size:
                 raise APIError(400, f"token ids must be in [0, {self.limits.vocab_size})",
@@ -393,7 +405,8 @@ class CompletionService:
         text = ""
         if not choice.started:
             choice.started = True
-            choice.text = ChoiceText(self.tokenizer, choice.stops)
+            choice.text = ChoiceText(self.tokenizer, choice.stops,
+                                     choice.request.sampling.min_tokens)  # fmt: skip
             if choice.echo:
                 text = choice.prompt_text
                 if logp is not None and out.prompt_scores is not None:
@@ -663,6 +676,13 @@ def note_usage(record: dict | None, usage: Usage) -> None:
         record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                       cached_tokens=usage.prompt_tokens_details.cached_tokens,
                       mean_depth=usage.recurrence.mean_depth)  # fmt: skip
+
+
+def model_not_found(name: str | None) -> APIError:
+    """404 model_not_found (OpenAI's body); a long name is cut to its first 200 characters."""
+    shown = name if name is None or len(name) <= 200 else name[:200] + "..."
+    return APIError(404, f"The model `{shown}` does not exist.", "NotFoundError", "model",
+                    "model_not_found")  # fmt: skip
 
 
 def _context_exceeded(max_context: int, what: str) -> APIError:

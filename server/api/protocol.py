@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -38,6 +39,8 @@ class RecurrenceExitSpec(BaseModel):
         if self.criterion == "auto":
             if self.max_nll_cost is None:
                 raise ValueError("criterion auto needs max_nll_cost")
+            if self.threshold is not None:
+                raise ValueError("criterion auto chooses its own threshold; send max_nll_cost only")
         elif self.threshold is None:
             raise ValueError(f"criterion {self.criterion} needs a threshold")
         elif self.max_nll_cost is not None:
@@ -102,6 +105,16 @@ def _list_of(item: object) -> object:
 Prompt = Union[str, _list_of(str), _list_of(int), _list_of(_list_of(int))]  # noqa: UP007
 
 
+@functools.cache
+def _not_nullable(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of `model` that have a default and whose type does not admit None."""
+    return frozenset(
+        name
+        for name, field in model.model_fields.items()
+        if not field.is_required() and type(None) not in get_args(field.annotation)
+    )
+
+
 class GenerationFields(BaseModel):
     """What completions and chat requests share: sampling (OpenAI's and vLLM's extensions) and
     the looping fields. Fields not declared are kept in `model_extra`: the service refuses the
@@ -141,6 +154,16 @@ class GenerationFields(BaseModel):
         "depth (same output); false: off; absent: the server's --speculative",
     )
     kv_policy: str | None = None  # per-request loop-slot policy, if no more slots than the server's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit null for a field that is not nullable here means its default: OpenAI's
+        spec declares these fields nullable (temperature, top_p, n, stream, ...) and clients send
+        nulls for what they leave unset; vLLM reads them as unset too."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in _not_nullable(cls)}
 
 
 class CompletionRequest(GenerationFields):

@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from parcae_serve.server.api.completions import APIError
+from parcae_serve.server.api.completions import APIError, model_not_found
 from parcae_serve.server.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -216,7 +216,19 @@ async def models(request: Request) -> ModelList:
     """Every name a request may send: the aliases (with the architecture, KV policy and the
     measured compute-quality table), then `ID@PRESET` and `ID@T<n>` with the settings each
     stands for."""
-    state = serving(request)
+    return ModelList(data=_model_cards(serving(request)))
+
+
+@router.get("/v1/models/{model_id:path}", responses=_errors(401, 404, 503))
+async def model(request: Request, model_id: str) -> ModelCard:
+    """One of the names `/v1/models` lists (OpenAI's retrieve; 404 model_not_found else)."""
+    for card in _model_cards(serving(request)):
+        if card.id == model_id:
+            return card
+    raise model_not_found(model_id)
+
+
+def _model_cards(state: ServerState) -> list[ModelCard]:
     cfg, limits = state.engine.model.cfg, state.service.limits
     served = {
         "mean_recurrence": cfg.mean_recurrence,
@@ -230,13 +242,12 @@ async def models(request: Request) -> ModelList:
         **(state.model_card.get("depth_table") or {}),
     }
     created = int(time.time())
-    cards = [
+    return [
         ModelCard(id=name, created=created, owned_by="parcae-serve", root=limits.model_name,
                   parent=parent, max_model_len=limits.max_context,
                   recurrence=served if parent is None else settings)
         for name, parent, settings in limits.models.listed()
     ]  # fmt: skip
-    return ModelList(data=cards)
 
 
 @router.get(

@@ -91,14 +91,70 @@ def token_names(tokenizer: Tokenizer, ids: list[int], as_ids: bool = False) -> d
             for t, text in texts.items()}  # fmt: skip
 
 
+class StopMatcher:
+    """Finds stop strings in text that arrives in pieces, in time linear in that text: one
+    Knuth-Morris-Pratt automaton per stop string (its state: the longest prefix of the stop that
+    ends the text so far). Searching the held-back text again on every token, as a plain
+    `find` and suffix test do, costs the square of it, and a client's long stop strings make that
+    seconds per token. Each automaton's table is built only as far as its matches reach, so
+    long stop strings that never match cost nothing."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = list(dict.fromkeys(s for s in stops if s))
+        self.fail: list[list[int]] = [[0] for _ in self.stops]  # KMP's table, built lazily
+        self.state = [0] * len(self.stops)
+
+    def feed(self, text: str, offset: int, report: bool = True) -> int | None:
+        """Advance over `text`, whose first character is at `offset` in the caller's buffer.
+        Returns where, in that buffer, the earliest-starting stop string completed within `text`
+        begins (None if none did, or if `report` is false: completions then pass unnoticed)."""
+        best = None
+        for i, stop in enumerate(self.stops):
+            m, fail, n = self.state[i], self.fail[i], len(stop)
+            if m == 0 and stop[0] not in text:  # no match can start here: state stays 0
+                continue
+            for j, c in enumerate(text):
+                while m and (m == n or stop[m] != c):
+                    m = fail[m - 1]
+                if stop[m] == c:
+                    m += 1
+                    if m > len(fail):
+                        _extend_table(stop, fail)
+                if m == n and report:
+                    start = offset + j - n + 1
+                    best = start if best is None else min(best, start)
+                    break
+            self.state[i] = m
+        return best
+
+    def held(self) -> int:
+        """How many characters at the end of the text may still begin a stop string."""
+        return max((m if m < len(s) else f[m - 1] for m, s, f in zip(self.state, self.stops,
+                    self.fail, strict=True)), default=0)  # fmt: skip
+
+
+def _extend_table(s: str, pi: list[int]) -> None:
+    """One more entry of KMP's table of `s`: pi[i] = the longest proper prefix of s[: i + 1]
+    that is also its suffix."""
+    i = len(pi)
+    k = pi[i - 1]
+    while k and s[i] != s[k]:
+        k = pi[k - 1]
+    pi.append(k + (s[i] == s[k]))
+
+
 class ChoiceText:
     """Accumulates one choice's text. Text that might be the start of a stop string is held
-    back until it is known not to be, so a stop string never leaks, even split across tokens."""
+    back until it is known not to be, so a stop string never leaks, even split across tokens.
+    As in vLLM, stop strings count from the `min_tokens`-th token on (a stop string that ends
+    earlier is kept as text)."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.decoder = IncrementalDecoder(tokenizer)
-        self.stops = [s for s in stops if s]
+        self.matcher = StopMatcher(stops)
+        self.min_tokens = min_tokens
+        self.tokens = 0  # tokens pushed
         self.text = ""  # released to the client
         self.pending = ""  # held back
         self.decoded = 0  # characters decoded so far (released + held)
@@ -110,49 +166,28 @@ class ChoiceText:
         if self.stopped:
             self.token_start = self.decoded
             return ""
+        self.tokens += 1
         delta = self.decoder.push(token_id)
         self.token_start = token_start(self.decoded, delta, self.tokenizer.token_text(token_id))
-        return self._release(delta)
+        return self._release(delta, final=False)
 
     def finish(self) -> str:
         """End of generation: release whatever is held (a stop string can no longer complete)."""
         if self.stopped:
             return ""
-        flushed = self.decoder.flush()
-        self.decoded += len(flushed)
-        tail = self.pending + flushed
-        self.pending = ""
-        cut = self._find_stop(tail)
-        if cut is not None:
-            tail, self.stopped = tail[:cut], True
-        self.text += tail
-        return tail
+        return self._release(self.decoder.flush(), final=True)
 
-    def _release(self, delta: str) -> str:
+    def _release(self, delta: str, final: bool) -> str:
         self.decoded += len(delta)
         buf = self.pending + delta
-        cut = self._find_stop(buf)
+        cut = self.matcher.feed(delta, len(self.pending), self.tokens >= self.min_tokens)
         if cut is not None:
             out, self.pending, self.stopped = buf[:cut], "", True
         else:
-            hold = self._held_suffix(buf)
+            hold = 0 if final else self.matcher.held()
             out, self.pending = buf[: len(buf) - hold], buf[len(buf) - hold :]
         self.text += out
         return out
-
-    def _find_stop(self, buf: str) -> int | None:
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        return min(hits) if hits else None
-
-    def _held_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
-        best = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), best, -1):
-                if stop.startswith(buf[-k:]):
-                    best = k
-                    break
-        return best
 
 
 def token_start(decoded: int, delta: str, own: str) -> int:

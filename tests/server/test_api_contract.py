@@ -309,3 +309,45 @@ def test_every_prompt_starts_with_bos_unless_told_not_to(live_server: str) -> No
     assert without["usage"]["prompt_tokens"] == len(ids)
     spelled = complete(live_server, {**body, "prompt": "<|bos|>x = 1"})  # BOS as text: not twice
     assert spelled["usage"]["prompt_tokens"] == len(ids) + 1
+
+
+def test_null_means_the_default(live_server: str) -> None:
+    """OpenAI's spec lets clients send null for the sampling fields they leave unset."""
+    body = {"prompt": CODE, "max_tokens": 6, "seed": 5}
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "echo", "presence_penalty",
+                           "frequency_penalty", "top_k", "min_p", "repetition_penalty",
+                           "min_tokens", "ignore_eos", "add_special_tokens", "logprobs", "stop",
+                           "recurrence_warm_start"))  # fmt: skip
+    want = complete(live_server, body)["choices"][0]["text"]
+    assert complete(live_server, {**body, **nulls})["choices"][0]["text"] == want
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "seed": 5}
+    r = httpx.post(f"{live_server}/v1/chat/completions", timeout=120,
+                   json={**chat, "logprobs": None, "add_generation_prompt": None, "n": None})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert post(live_server, {"prompt": None}).status_code == 400  # required: null is no prompt
+
+
+def test_a_prompt_that_fills_the_context_is_scored_not_continued(live_server: str) -> None:
+    """The tiny model's context is 512: BOS + 511 ids fill it. Scoring the full window (lm-eval
+    does) works; asking for a completion is a 400 that counts the BOS; any max_tokens that
+    fits is clipped to the room left."""
+    body = {"prompt": [5] * 511, "max_tokens": 0, "echo": True, "logprobs": 0}
+    scored = complete(live_server, body)["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(scored) == 511 and all(lp is not None for lp in scored)
+    r = post(live_server, {"prompt": [5] * 511, "max_tokens": 1})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert "512 tokens" in error["message"] and "no room" in error["message"]
+    r = post(live_server, {"prompt": [5] * 513, "max_tokens": 0})  # over it even without BOS
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_stop_strings_wait_for_min_tokens(live_server: str) -> None:
+    body = {"prompt": CODE, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    text = complete(live_server, body)["choices"][0]["text"]
+    stop = text[0]  # the first token's text holds it
+    early = complete(live_server, {**body, "stop": [stop]})
+    assert early["choices"][0]["text"] == "" and early["choices"][0]["finish_reason"] == "stop"
+    later = complete(live_server, {**body, "stop": [stop], "min_tokens": 4})
+    assert later["usage"]["completion_tokens"] >= 4 and later["choices"][0]["text"][0] == stop
+    assert text.startswith(later["choices"][0]["text"])

@@ -310,6 +310,16 @@ BAD = [
         400,
         "recurrence_exit.criterion",
     ),
+    (
+        json.dumps(
+            {
+                "prompt": "x",
+                "recurrence_exit": {"criterion": "auto", "threshold": 0.1, "max_nll_cost": 0.01},
+            }
+        ),
+        400,
+        "recurrence_exit",
+    ),
     (json.dumps({"prompt": [5] * 600}), 400, "prompt"),
     (json.dumps({"prompt": [10**6]}), 400, "prompt"),
     (json.dumps({"prompt": []}), 400, "prompt"),
@@ -335,6 +345,16 @@ def test_bad_input_gets_an_openai_error_body(live_server: str, body, status, par
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
     assert error["param"] == param
+
+
+def test_each_listed_model_can_be_retrieved(client: openai.OpenAI) -> None:
+    names = [m.id for m in client.models.list().data]
+    for name in names[:3] + names[-2:]:  # the served id, an alias or preset, ID@T<n>
+        assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model" * 100)
+    error = err.value.body
+    assert error["code"] == "model_not_found" and len(error["message"]) < 300
 
 
 def test_oversize_prompt_says_context_length_exceeded(live_server: str) -> None:

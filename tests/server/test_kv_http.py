@@ -129,6 +129,10 @@ def test_preemption_and_prefix_reuse_never_change_a_response(tiny_model_dir) -> 
             assert torch.allclose(
                 torch.tensor(together[j][1]), torch.tensor(alone[j][1]), atol=1e-4
             )
+        # a prompt over the cache's capacity at its depth: the 400 names the cache, not the model
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": [5] * 400, **body})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert r.json()["error"]["message"].startswith("The KV cache holds at most")
         # a repeated 40-token prompt hits its cached prefix and answers the same
         long = [(7 * i + 1) % 300 + 3 for i in range(40)]
         cold = complete(server.url, long, max_tokens=8)

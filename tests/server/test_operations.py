@@ -5,8 +5,11 @@ prompt tokens in usage, and a chat template from a file (sandboxed)."""
 from __future__ import annotations
 
 import re
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -160,3 +163,18 @@ def test_client_text_cannot_forge_log_lines(ops) -> None:
     assert any(
         "req=trace-f1 POST /v1/completions 404 model=alpha%0Areq%3DFORGED" in x for x in lines
     )
+
+
+def test_a_client_that_leaves_mid_body_is_logged_as_499(ops) -> None:
+    """Nothing was answered because the client left, not because the server failed."""
+    url, log = ops
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+            "X-Request-Id: left-early\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n")  # fmt: skip
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(head.encode() + b'{"prompt":')
+        time.sleep(0.3)
+    logged = lambda: [x for x in log.read_text().splitlines() if "req=left-early " in x]  # noqa: E731
+    assert wait_for(lambda: bool(logged()))
+    assert " POST /v1/completions 499 " in logged()[0]
