@@ -65,11 +65,15 @@ class ParcaeAPIError(Exception):
 
 @dataclass(frozen=True)
 class RecurrenceExit:
-    """Adaptive depth: stop a token's loops once `criterion` falls below `threshold`."""
+    """Adaptive depth: stop a token's loops once `criterion` falls below `threshold` (kl,
+    residual; learned: the checkpoint's exit probe, threshold a probability). `auto` takes no
+    threshold: the server picks the fastest measured setting within `max_nll_cost` (0.01 = 1%)
+    of the best measured NLL."""
 
-    criterion: Literal["kl", "residual"]
-    threshold: float
+    criterion: Literal["kl", "residual", "learned", "auto"]
+    threshold: float | None = None
     min_depth: int = 1
+    max_nll_cost: float | None = None
 
 
 @dataclass(frozen=True)
@@ -218,13 +222,17 @@ RENAMED = {
 }
 
 
+def _fields_set(value: RecurrenceExit | Speculation) -> dict[str, Any]:
+    return {k: v for k, v in asdict(value).items() if v is not None}
+
+
 def completion_body(prompt: Prompt, params: Mapping[str, Any], stream: bool) -> dict[str, Any]:
     """The JSON of POST /v1/completions; unset (None) parameters are left to the server."""
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": 16}
     for key, value in params.items():
         if value is not None:
             body[RENAMED.get(key, key)] = (
-                asdict(value) if isinstance(value, RecurrenceExit | Speculation) else value
+                _fields_set(value) if isinstance(value, RecurrenceExit | Speculation) else value
             )
     if stream:  # the last chunk then carries usage, with the loops the request ran
         body.update(stream=True, stream_options={"include_usage": True})

@@ -22,6 +22,7 @@ from parcae_serve.clients.client import (
     RecurrenceExit,
     Speculation,
     SpeculativeUsage,
+    completion_body,
 )
 
 PROMPT = "import os\n"
@@ -300,7 +301,11 @@ def test_speculation_is_sent_and_its_usage_read() -> None:
 def test_cli_exit_rule_syntax() -> None:
     assert cli.exit_rule("kl:0.001") == RecurrenceExit("kl", 0.001, 1)
     assert cli.exit_rule("residual:0.03:2") == RecurrenceExit("residual", 0.03, 2)
-    for bad in ("kl", "cosine:0.1", "kl:x", "kl:0.1:2:3"):
+    assert cli.exit_rule("learned:0.9") == RecurrenceExit("learned", 0.9, 1)
+    assert cli.exit_rule("auto:0.01") == RecurrenceExit("auto", None, 1, max_nll_cost=0.01)
+    body = completion_body("x", {"exit": cli.exit_rule("auto:0.01")}, stream=False)
+    assert body["recurrence_exit"] == {"criterion": "auto", "min_depth": 1, "max_nll_cost": 0.01}
+    for bad in ("kl", "cosine:0.1", "kl:x", "kl:0.1:2:3", "auto:x"):
         with pytest.raises(argparse.ArgumentTypeError):
             cli.exit_rule(bad)
 
