@@ -323,14 +323,15 @@ class CompiledDecoder:
 
     def __init__(self, model: Parcae, cache: KVCache, mode: str) -> None:
         self.model, self.cache, self.mode = model, cache, mode
-        # batches of 2+ rows attend with the CPU kernel where it is built; one row keeps
-        # inductor's attention: in the single-row graph each external call costs ~25 us, and
-        # on a 2-core AMD EPYC the kernel's row was no faster even at 900 positions. Except
-        # over fp8 pools, whose conversion inductor writes as scalar code: there the kernel's
-        # row is 1.5x (64 positions) to 3.8x (900) faster (bench/decode_attention.py,
+        # batches of 2+ rows attend with the CPU kernel where it is built. One row over fp32
+        # pools keeps inductor's attention: in the single-row graph each external call costs
+        # ~25 us, and on a 2-core AMD EPYC the kernel's row was no faster even at 900 positions.
+        # Over narrower pools one row takes the kernel too: inductor writes fp8's conversion as
+        # scalar code (kernel 1.3x at 64 positions to 3.6x at 900), and over fp16 / bf16 the
+        # kernel's row ties at 64 and is 1.13-1.27x faster at 256-900 (bench/decode_attention.py,
         # bench/RESULTS.md)
         self.fused = fused_attention_fits(cache)
-        self.fused_min_rows = 1 if cache.outer_k.dtype == torch.float8_e4m3fn else 2
+        self.fused_min_rows = 2 if cache.outer_k.dtype == torch.float32 else 1
         self.ready: set[int] = set()
         # inductor on the CPU: graphs compiled ahead, called without dynamo (see _graph)
         self.ahead = mode == "inductor" and cache.outer_k.device.type == "cpu"
