@@ -7,8 +7,8 @@ inside the built-in model's compiled decode graph.
 
 One process, one engine, both variants compiled (CompiledDecoder.fused toggled; the kernel
 also for one row, which the server leaves to inductor over fp32 pools only: this shows why),
-then for a batch of 1 and of 32 rows at 64, 256 and 900 positions of context: the median time of one graph
-call (one decode token per row, all loops), A and B interleaved `--rounds` times. Rows of a
+then for a batch of 1 and of 32 rows at 64, 256 and 900 positions of context: the median time
+of one graph call (one decode token per row, all loops), A and B interleaved `--rounds` times. Rows of a
 batch have different lengths (L down to L/2), as in serving; K/V rows are real pool rows.
 Everything runs in this thread (a second thread with its own OpenMP pool would slow both).
 """

@@ -217,12 +217,12 @@ class CompletionService:
         what = f"the prompt has {len(ids)} tokens"
         if room == 0:
             what += ", which leaves no room for a completion"
+        limit = None
         if capacity < self.limits.max_context:
-            raise APIError(400, f"The KV cache holds at most {capacity} tokens of one sequence "
-                           f"at recurrence depth {depth} (--kv-cache-bytes, KV policy "
-                           f"{loops.kv_policy or self.engine.cache.policy}); {what}.",
-                           param="prompt", code="context_length_exceeded")  # fmt: skip
-        raise _context_exceeded(self.limits.max_context, what)
+            limit = (f"The KV cache holds at most {capacity} tokens of one sequence at recurrence "
+                     f"depth {depth} (--kv-cache-bytes, KV policy "
+                     f"{loops.kv_policy or self.engine.cache.policy})")  # fmt: skip
+        raise _context_exceeded(self.limits.max_context, what, limit)
 
     def _choose_from_frontier(self, req: CompletionRequest, depth_given: bool) -> None:
         """`auto`: replace the request's depth and exit with the fastest measured setting within
@@ -685,9 +685,11 @@ def model_not_found(name: str | None) -> APIError:
                     "model_not_found")  # fmt: skip
 
 
-def _context_exceeded(max_context: int, what: str) -> APIError:
-    return APIError(400, f"This model's maximum context length is {max_context} tokens; {what}.",
-                    param="prompt", code="context_length_exceeded")  # fmt: skip
+def _context_exceeded(max_context: int, what: str, limit: str | None = None) -> APIError:
+    """400 context_length_exceeded: `limit` names the limit that binds (default: the model's
+    context), `what` the request's part."""
+    limit = limit or f"This model's maximum context length is {max_context} tokens"
+    return APIError(400, f"{limit}; {what}.", param="prompt", code="context_length_exceeded")
 
 
 def _finite(value: float) -> float:
