@@ -50,7 +50,8 @@ def batch(B: int, L: int, depth: int, d_rec: int, block: int = 1024) -> DecodeBa
     lengths = torch.tensor([L - (i * 7) % (L // 2) for i in range(B)])
     ids = torch.ones(B, 1, dtype=torch.long)
     return DecodeBatch(ids, lengths[:, None], torch.zeros(B, 1, d_rec), lengths, rows,
-                       torch.stack([rows, rows]), torch.zeros(depth, dtype=torch.long))  # fmt: skip
+                       torch.stack([rows, rows]), torch.zeros(depth, dtype=torch.long),
+                       torch.full((B,), depth))  # fmt: skip
 
 
 def call_ms(decoder, depth: int, b: DecodeBatch, calls: int) -> float:

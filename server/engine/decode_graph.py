@@ -63,7 +63,10 @@ class DecodeBatch:
     ids, positions: (B, 1) long; h0: (B, 1, d_rec) initial states; lengths: (B,) past positions
     (= positions); outer_rows: (B, L) pool rows of the past positions in the outer pool;
     rec_rows: (S, B, L) the same in the recurrent pool, per loop slot; slots: (T,) the slot of
-    each loop. Rows at or past a sequence's length are padding (masked).
+    each loop. Rows at or past a sequence's length are padding (masked). depths: (B,) each
+    row's own depth, for a call that decodes rows of several depths at the deepest one's (see
+    `merge_keys`): a row keeps its state after its own last loop (None: every row loops `depth`
+    times).
     """
 
     ids: Tensor
@@ -73,6 +76,7 @@ class DecodeBatch:
     outer_rows: Tensor
     rec_rows: Tensor
     slots: Tensor
+    depths: Tensor | None = None
 
 
 @dataclass
@@ -184,7 +188,11 @@ def decode_forward(
     prepared = model.transformer["adapter"].prepare(e)
     h = batch.h0
     for t in range(depth):
-        h = model.core(h, prepared, batch.ids, rots, ctx, t)
+        looped = model.core(h, prepared, batch.ids, rots, ctx, t)
+        # a row past its own depth keeps its state; its K/V of these loops are never written
+        if batch.depths is not None:
+            looped = torch.where(batch.depths.view(-1, 1, 1) > t, looped, h)
+        h = looped
     logits = model.coda(h, batch.ids, rots, ctx)[:, 0]
 
     def token_kv(key: tuple) -> tuple[Tensor, Tensor]:  # (B, Hkv, 1, hd) -> (B, Hkv, hd)
@@ -285,6 +293,17 @@ def kv_writes(
     return KVWrites(outer_idx, outer_k, outer_v, rec_idx, rec_k, rec_v)
 
 
+def rows_writes(key: KeyTensors, out: DecodeResult, batch: DecodeBatch, rows: slice) -> KVWrites:
+    """The K/V writes of `rows` of a call that ran rows of several keys (`merge_keys`), to the
+    slots of their own key (`key`): for each, the K/V of the last loop they ran that maps to it."""
+    part = DecodeResult(out.logits[rows], out.h[rows], out.outer_k[:, rows], out.outer_v[:, rows],
+                        out.rec_k[:, :, rows], out.rec_v[:, :, rows])  # fmt: skip
+    sub = DecodeBatch(batch.ids[rows], batch.positions[rows], batch.h0[rows],
+                      batch.lengths[rows], batch.outer_rows[rows], batch.rec_rows[:, rows],
+                      key.slots)  # fmt: skip
+    return kv_writes(key, part, *write_rows(sub))
+
+
 def write_kv(flat_pools: tuple[Tensor, Tensor, Tensor, Tensor], w: KVWrites) -> None:
     """Copy `w` into the pools, each seen as one (layers * rows, heads * hd) table
     (`flat_pools`, see `flat_views`)."""
@@ -306,10 +325,35 @@ def flat_views(cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 DecodeKey = tuple[int, tuple[int, ...]]  # (depth, loop -> slot): rows batched together
+MERGE_SLACK = 1.5  # see merge_keys
 
 
 def decode_key(depth: int, slot_of) -> DecodeKey:
     return depth, tuple(slot_of(t) for t in range(depth))
+
+
+def merge_keys(rows: dict[DecodeKey, int], slack: float = MERGE_SLACK) -> list[list[DecodeKey]]:
+    """The graph calls of one decode step: each a list of keys whose rows run together at its
+    first (deepest) key's depth, the others' rows keeping their state after their own last loop.
+
+    A key joins a deeper call when its loop slots are a prefix of that call's (so its rows read
+    and write their own slots in the loops they run: per-loop, shared:K and first:K policies)
+    and the call then loops at most `slack` times the row-loops its rows need. `rows`: the rows
+    of each key. Why: a matmul of 11 rows runs at about half the rate of one of 32 on a small
+    CPU (bench/RESULTS.md), so 32 streams of three depths cost more as three calls than as one
+    that loops some rows in vain."""
+    calls: list[list[DecodeKey]] = []
+    for key in sorted(rows, key=lambda k: -k[0]):
+        for call in calls:
+            depth, slots = call[0]
+            fits = slots[: key[0]] == key[1]
+            needed = sum(k[0] * rows[k] for k in call) + key[0] * rows[key]
+            if fits and depth * (sum(rows[k] for k in call) + rows[key]) <= slack * needed:
+                call.append(key)
+                break
+        else:
+            calls.append([key])
+    return calls
 
 
 class CompiledDecoder:
@@ -413,7 +457,7 @@ class CompiledDecoder:
         return ahead
 
     def _compile_ahead(self, depth: int, rows: int, key: KeyTensors) -> None:
-        batch = dummy_batch(self.cache, self.model, depth, rows)
+        batch = dummy_batch(self.cache, self.model, depth, rows, row_depths=True)
         fused = self.fused and self.fused_min_rows <= rows
         kind = "batch" if rows > 1 else "planned" if depth <= PLANNED_MAX_DEPTH else "single"
         fn = self._ahead_fns[kind]
@@ -425,7 +469,7 @@ class CompiledDecoder:
         """Compile `depth` by running it on dummy rows."""
         with torch.inference_mode():  # as when serving: inference tensors guard differently
             if not self.ready:  # derived weights (fused QKV, decay) built once, outside graphs
-                dummy = dummy_batch(self.cache, self.model, depth, 2)
+                dummy = dummy_batch(self.cache, self.model, depth, 2, row_depths=True)
                 decode_forward(self.model, depth, dummy, self.pools, self.fused)
                 if self.mode == "cudagraphs":
                     for weight in derived_weights(self.model):
@@ -435,7 +479,7 @@ class CompiledDecoder:
             for rows in (1, 2):  # one stream has a graph of its own (see decode_forward_single)
                 if self.ahead and hasattr(self._fn, "aot_compile"):  # torch >= 2.10
                     self._compile_ahead(depth, rows, key)
-                self(depth, dummy_batch(self.cache, self.model, depth, rows), key)
+                self(depth, dummy_batch(self.cache, self.model, depth, rows, row_depths=True), key)
         self.ready.add(depth)
 
 
@@ -473,11 +517,18 @@ def padded_slots(batch: DecodeBatch) -> int:
 
 
 def dummy_batch(
-    cache: KVCache, model: Parcae, depth: int, B: int, ids: int = 1, positions: int = 1
+    cache: KVCache,
+    model: Parcae,
+    depth: int,
+    B: int,
+    ids: int = 1,
+    positions: int = 1,
+    row_depths: bool = False,
 ) -> DecodeBatch:
     """B rows of `ids` tokens at `positions` positions that attend to nothing in the pools
     (every past position masked): what warm-up compiles on. States in the model's dtype (the
-    pools may store K/V in another, --kv-cache-dtype)."""
+    pools may store K/V in another, --kv-cache-dtype). `row_depths`: with each row's depth,
+    as the engine's decode calls bring them."""
     device, dtype, d_rec = cache.outer_k.device, next(model.parameters()).dtype, model.cfg.d_rec
     L = cache.block_size
 
@@ -485,8 +536,9 @@ def dummy_batch(
         return torch.zeros(*shape, dtype=torch.long, device=device)
 
     h0 = torch.zeros(B, positions, d_rec, dtype=dtype, device=device)
+    depths = zeros(B) + depth if row_depths else None
     return DecodeBatch(zeros(B, ids), zeros(B, positions), h0, zeros(B), zeros(B, L),
-                       zeros(2, B, L), zeros(depth))  # fmt: skip
+                       zeros(2, B, L), zeros(depth), depths)  # fmt: skip
 
 
 def keep_model_identity_guards(entries: list) -> list[bool]:
@@ -570,4 +622,5 @@ def pad_batch(batch: DecodeBatch, B: int, L: int, S: int) -> DecodeBatch:
         pad(pad(batch.outer_rows, 0, B), 1, L),
         pad(pad(pad(batch.rec_rows, 0, S), 1, B), 2, L),
         batch.slots,
+        None if batch.depths is None else pad(batch.depths, 0, B),
     )

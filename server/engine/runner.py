@@ -27,6 +27,8 @@ from parcae_serve.server.engine.decode_graph import (
     decode_key,
     flat_views,
     kv_writes,
+    merge_keys,
+    rows_writes,
     write_kv,
     write_rows,
 )
@@ -167,24 +169,42 @@ class ModelRunner:
         by_key: dict[DecodeKey, list[int]] = {}
         for i, key in enumerate(keys):
             by_key.setdefault(key, []).append(i)
-        for key, members in by_key.items():
-            tensors = self._tensors(key[1])
-            rows = [groups[i] for i in members]
-            batch = self._decode_batch(rows, tensors.slots)
+        calls = merge_keys({key: len(members) for key, members in by_key.items()})
+        for call in calls:
+            members = [i for key in call for i in by_key[key]]
+            tensors = self._tensors(call[0][1])
+            batch = self._decode_batch([groups[i] for i in members], tensors.slots)
             if before_graph is not None:
                 before_graph()
-            out = graphs(key[0], batch, tensors)
-            write_kv(self._flat_pools, out.writes or kv_writes(tensors, out, *write_rows(batch)))
+            out = graphs(call[0][0], batch, tensors)
+            self._write_kv(call, by_key, tensors, batch, out)
             top = zip(out.top_token.tolist(), out.top_logprob.tolist(), strict=True)
-            active, loops_used = self._looped(key[0])
             for j, (i, best) in enumerate(zip(members, top, strict=True)):
                 g = groups[i]
                 g.h, g.loop, g.n_active = out.h[j : j + 1], g.depth, 1
-                g.active, g.loops_used = active, loops_used
+                g.active, g.loops_used = self._looped(g.depth)
                 logits[i], greedy[i] = out.logits[j], best
-        if len(by_key) == 1:  # one call, rows in the groups' order
+        if len(calls) == 1 and members == sorted(members):  # one call, rows in the groups' order
             return out.logits, greedy
         return torch.stack(logits), greedy
+
+    def _write_kv(
+        self,
+        call: list[DecodeKey],
+        by_key: dict[DecodeKey, list[int]],
+        tensors: KeyTensors,
+        batch: DecodeBatch,
+        out: DecodeResult,
+    ) -> None:
+        """A graph call's new K/V into the pools: each key's rows to their own slots."""
+        if len(call) == 1:
+            write_kv(self._flat_pools, out.writes or kv_writes(tensors, out, *write_rows(batch)))
+            return
+        start = 0
+        for key in call:
+            rows = slice(start, start + len(by_key[key]))
+            write_kv(self._flat_pools, rows_writes(self._tensors(key[1]), out, batch, rows))
+            start = rows.stop
 
     def _looped(self, depth: int) -> tuple[Tensor, Tensor]:
         """A decoded token's `active` and `loops_used`, shared (read, never written, once the
@@ -209,6 +229,7 @@ class ModelRunner:
             outer_rows=outer_rows.to(self.device),
             rec_rows=rec_rows.to(self.device),
             slots=slots,
+            depths=torch.tensor([g.depth for g in groups], device=self.device),
         )
 
     @staticmethod
@@ -222,10 +243,12 @@ class ModelRunner:
             return tables[0].outer_index()[None], tables[0].rec_index()[:, None]
         L = max(t.capacity for t in tables)
         outer_rows = torch.zeros(len(tables), L, dtype=torch.long)
-        rec_rows = torch.zeros(tables[0].num_slots, len(tables), L, dtype=torch.long)
+        # tables of shallower rows in a merged call (merge_keys) have fewer slots: the rest
+        # read pool row 0 in loops whose result those rows drop
+        rec_rows = torch.zeros(max(t.num_slots for t in tables), len(tables), L, dtype=torch.long)
         for b, t in enumerate(tables):
             outer_rows[b, : t.capacity] = t.outer_index()
-            rec_rows[:, b, : t.capacity] = t.rec_index()
+            rec_rows[: t.num_slots, b, : t.capacity] = t.rec_index()
         return outer_rows, rec_rows
 
     @torch.inference_mode()

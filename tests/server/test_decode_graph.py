@@ -15,6 +15,7 @@ import torch
 from parcae_serve.model.config import ParcaeConfig
 from parcae_serve.model.loading import builtin_checkpoint, read_config
 from parcae_serve.model.parcae import Parcae
+from parcae_serve.server.engine.decode_graph import merge_keys
 from parcae_serve.server.engine.engine import Engine, EngineConfig
 from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
@@ -81,6 +82,51 @@ def test_decode_graph_equals_the_eager_runner_for_every_policy_and_depth(policy:
     finally:
         ref.stop()
         fast.stop()
+
+
+class CallLog:
+    """A decoder that notes the row depths of every graph call and passes it on."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder, self.depths = decoder, []
+
+    def __call__(self, depth, batch, key):
+        self.depths.append(sorted(set(batch.depths.tolist())))
+        return self.decoder(depth, batch, key)
+
+    def __getattr__(self, name: str):
+        return getattr(self.decoder, name)
+
+
+@pytest.mark.parametrize("policy", ["per-loop", "shared:2", "first:2"])
+def test_rows_of_several_depths_share_one_graph_call_and_decode_as_the_eager_runner(policy):
+    """merge_keys: rows of depths 2, 3 and 4 run in one call at depth 4, the shallower keeping
+    their state after their own loops and writing only their own slots; tokens, logprobs and
+    (through every later token) the K/V they wrote match the eager runner's."""
+    depths = [2, 3, 4]
+    reqs = requests(depths)
+    ref, fast = engine(policy, "off", []), engine(policy, "eager", depths)
+    fast.runner.decoder = log = CallLog(fast.runner.decoder)
+    try:
+        assert_same(run_all(fast, reqs), run_all(ref, reqs))
+        assert [2, 3, 4] in log.depths
+    finally:
+        ref.stop()
+        fast.stop()
+
+
+def test_merge_keys_joins_prefix_slots_while_the_loops_run_in_vain_stay_bounded() -> None:
+    def key(depth: int, slot=lambda t: t) -> tuple:
+        return depth, tuple(slot(t) for t in range(depth))
+
+    assert merge_keys({key(4): 11, key(6): 11, key(8): 10}) == [[key(8), key(6), key(4)]]
+    last2 = lambda d: lambda t: max(0, t - (d - 2))  # noqa: E731  (last:2: slots depend on d)
+    assert merge_keys({key(4, last2(4)): 8, key(6, last2(6)): 8}) == [
+        [key(6, last2(6))],
+        [key(4, last2(4))],
+    ]
+    # one deep row and many shallow ones: 16 x 32 row-loops for 78 needed stay two calls
+    assert merge_keys({key(16): 1, key(2): 31}) == [[key(16)], [key(2)]]
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
