@@ -12,7 +12,8 @@ Prints aggregate decode tokens/s and, at each stream's measured tokens/s, the mo
 against this machine's matmul rate (bench/fast_engine.py's cost model and measurement). Also
 what bounds it: the model's matrix products alone, for one decode step of `--streams` rows at
 the mean depth (each layer's weights in the order a token reads them, `mm` as the graphs call
-it), timed at the same thread count.
+it), timed at the same thread count; and how many streams got the same greedy tokens from
+both ways (row counts change the matmuls' summation order, so a near tie may flip).
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def requests(depths: list[int], streams: int) -> list[EngineRequest]:
     ]
 
 
-def tokens_per_s(engine: Engine, reqs: list[EngineRequest]) -> float:
+def run(engine: Engine, reqs: list[EngineRequest]) -> tuple[float, list[list[int]]]:
+    """Aggregate tokens/s of `reqs` submitted at once, and each one's tokens."""
     start = time.perf_counter()
     outs = outputs_together(engine, reqs, timeout=600)
-    return sum(len(o) for o in outs) / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return sum(len(o) for o in outs) / seconds, [[s.token for s in o] for o in outs]
 
 
 def step_weights(model, depth: int) -> list[torch.Tensor]:
@@ -122,12 +125,14 @@ def main() -> None:
     engine.start()
     reqs = requests(depths, args.streams)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    tokens: dict[str, list[list[int]]] = {}
     try:
-        tokens_per_s(engine, reqs)  # warm-up
+        run(engine, reqs)  # warm-up
         for _ in range(args.rounds):
             for name, merge in VARIANTS.items():
                 runner_module.merge_keys = merge
-                times[name].append(tokens_per_s(engine, reqs))
+                tps, tokens[name] = run(engine, reqs)
+                times[name].append(tps)
     finally:
         runner_module.merge_keys = merge_keys
         engine.stop()
@@ -139,6 +144,7 @@ def main() -> None:
               "depths": depths, "streams": args.streams, "matmul_gflops_all": rate,
               "merged_vs_per_depth": rows["merged"]["tokens_per_s"]
               / rows["per depth"]["tokens_per_s"], "rows": rows,
+              "same_tokens": sum(a == b for a, b in zip(*tokens.values(), strict=True)),
               "matmuls_alone_gflops": alone, "matmuls_alone_of_matmul_rate": alone / rate}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -147,6 +153,8 @@ def main() -> None:
     print("| calls | tokens/s | of the matmul rate |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['of_matmul_rate']:.1%} |")
+    print(f"streams with the same greedy tokens either way: {report['same_tokens']} of "
+          f"{args.streams}")  # fmt: skip
     print(f"merged / per depth: {report['merged_vs_per_depth']:.2f}x; the step's matmuls alone "
           f"at {args.streams} rows: {alone:.0f} GFLOP/s = {alone / rate:.0%} of the matmul rate")  # fmt: skip
 
