@@ -88,6 +88,16 @@ def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
     return y if weight is None else y * weight
 
 
+class Embedding(nn.Embedding):
+    """`nn.Embedding` whose random init is skipped on the meta device (checkpoint loading):
+    torch's `normal_` there runs a reference kernel whose first call imports dynamo, ~2 s of
+    every server's start."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -280,7 +290,7 @@ class Parcae(nn.Module):
 
         self.transformer = nn.ModuleDict(
             {
-                "wte": nn.Embedding(cfg.padded_vocab_size, d),
+                "wte": Embedding(cfg.padded_vocab_size, d),
                 "prelude": blocks(P, 0, d, hidden, H, Hkv),
                 "adapter": make_injection(cfg),
                 "core_block": blocks(R, P, d_rec, hidden_rec, H_rec, Hkv_rec),
@@ -293,7 +303,7 @@ class Parcae(nn.Module):
             self.transformer["ln_prelude"] = RMSNorm(d, cfg.norm_eps)
         widths = {j: self._block(j).attn.kv_heads * self._block(j).attn.head_dim for j in ve}
         self.value_embeds = nn.ModuleDict(
-            {str(j): nn.Embedding(cfg.padded_vocab_size, w) for j, w in sorted(widths.items())}
+            {str(j): Embedding(cfg.padded_vocab_size, w) for j, w in sorted(widths.items())}
         )
         self.lm_head = nn.Linear(d, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -13,11 +13,13 @@ path; `available()` says which.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
 import logging
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -28,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 from torch import Tensor
-from torch._inductor import cpu_vec_isa
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def cache_dir() -> Path:
 def _isa_flags() -> list[str]:
     """Compiler flags for the vector ISA inductor uses here: at::vec's wide `Vectorized` is
     compiled in only under its CPU_CAPABILITY macro (without it, a scalar array: 2x slower)."""
+    from torch._inductor import cpu_vec_isa  # imports dynamo (~2 s): only when building
+
     isa = cpu_vec_isa.pick_vec_isa()
     if not isa:
         return []
@@ -67,15 +70,25 @@ def _command(source: Path, target: Path) -> list[str]:
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]  # fmt: skip
 
 
+def _cpu_features() -> str:
+    """The processor's feature flags (Linux), which with torch's build decide the vector ISA;
+    read instead of asking inductor, whose import takes ~2 s of every server's start."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    return platform.machine() + platform.processor()
+
+
 def _library_path() -> Path:
-    """The cached library for this source, compile command, compiler version and torch build.
-    Raises OSError / SubprocessError when the compiler cannot be run."""
-    command = _command(SOURCE, Path("out.so"))
+    """The cached library for this source, compiler (command and version), processor and
+    torch build. Raises OSError / SubprocessError when the compiler cannot be run."""
+    command = [*_compiler(), *CXX_FLAGS]
     version = subprocess.run([*_compiler(), "--version"], capture_output=True, text=True,
                              timeout=60, check=True).stdout  # fmt: skip
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(command), version, torch.__version__,
-                 str(torch.version.git_version), sys.platform):  # fmt: skip
+    for part in (SOURCE.read_bytes(), " ".join(command), version, _cpu_features(),
+                 torch.__version__, str(torch.version.git_version), sys.platform):  # fmt: skip
         key.update(part.encode() if isinstance(part, str) else part)
     return cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx.experimental._config
 from torch import Tensor
-from torch._dynamo.guards import CheckFunctionManager
 
 from parcae_serve.model.parcae import Parcae, derived_weights
 from parcae_serve.server.engine import cpu_kernels
@@ -38,7 +37,10 @@ def configure_compiler() -> None:
     """Compiler settings for the calling thread: torch keeps config overrides per thread, so
     every thread that compiles or calls a graph (the one that warms up, the engine's) calls
     this first. Without it the engine thread's first call at a new slot count recompiled for
-    12 s (a guard tied the slot count to the pool's layer count)."""
+    12 s (a guard tied the slot count to the pool's layer count). Importing dynamo takes
+    ~2 s, so a server that does not compile never calls this."""
+    import torch._dynamo
+
     # graphs are specialised per depth, and a server may warm up a few dozen depths
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # batch, context and slot counts must stay symbolic even when they happen to equal a model
@@ -51,9 +53,6 @@ def configure_compiler() -> None:
     # through it: a one-row graph of the reference shape at T=8 (~500 buffers) failed with
     # RecursionError at the 2,000 frames inductor asks for
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
-
-
-configure_compiler()  # the importing thread
 
 
 @dataclass
@@ -383,6 +382,7 @@ class CompiledDecoder:
         self._checked: set[tuple] = set()
         model.requires_grad_(False)  # serving only: no autograd bookkeeping around the graph
         if mode in ("inductor", "cudagraphs"):
+            configure_compiler()  # the constructing thread
             # CUDA graphs are recorded per padded shape; the pools keep their address, so the
             # graphs read them in place instead of copying them into static buffers
             options = {**compile_options(model, cache), "triton.cudagraphs": mode == "cudagraphs"}
@@ -554,6 +554,8 @@ def guards_ahead(entries: list) -> list[bool]:
     """Guards of a graph compiled ahead: none on the model (each decoder keeps the graphs it
     compiled for its model), and none `aot_compile` cannot serialise."""
     keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    from torch._dynamo.guards import CheckFunctionManager
+
     unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
     return [
         k and not e.is_global and e.guard_type not in unsupported

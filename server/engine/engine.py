@@ -135,7 +135,8 @@ class Engine:
         # engine does not reach this one, whose kernels would run on every core
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        configure_compiler()  # per-thread too
+        if self.runner.decoder is not None:
+            configure_compiler()  # per-thread too
         while not self._stop:
             try:
                 busy = self.step()
