@@ -28,9 +28,11 @@ machine's speed.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
+import os
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -78,9 +80,15 @@ class TrainSettings:
     threads: int = 2
 
 
-def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+@functools.cache
+def stdlib_files() -> tuple[Path, ...]:
+    """The standard library's .py files, sorted; site-packages (gigabytes of installed
+    packages in many set-ups) is pruned from the walk, not walked and filtered."""
+    found = []
+    for directory, subdirectories, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subdirectories[:] = [d for d in subdirectories if d != "site-packages"]
+        found.extend(Path(directory) / n for n in names if n.endswith(".py"))
+    return tuple(sorted(found))
 
 
 def is_heldout(path: Path, fraction: float) -> bool:

@@ -41,10 +41,11 @@ def running_server(
     """`parcae-serve` in a subprocess on 127.0.0.1, yielded once /health is 200 (its stderr goes
     to `log` if given)."""
     port = free_port()
-    # eager unless a test opts in: a later --compile in `flags` wins
+    # eager and on one kernel thread (another test worker shares the cores) unless a test opts
+    # in: a later --compile or --threads in `flags` wins
     cmd = [sys.executable, "-m", "parcae_serve.server.api.cli", "--model", str(model_dir), "--port", str(port),
            "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20),
-           "--compile", "off", *flags]  # fmt: skip
+           "--compile", "off", "--threads", "1", *flags]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     stderr = open(log, "w") if log else None  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr)

@@ -75,7 +75,7 @@ def test_trace_records_the_kl_to_the_cap(tiny_model_dir: Path) -> None:
 def calibrated(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, dict]:
     directory = tmp_path_factory.mktemp("calibrated") / "tiny"
     shutil.copytree(tiny_model_dir, directory)
-    report = calibrate(str(directory), sequences=2, length=24, log=lambda *_: None)
+    report = calibrate(str(directory), sequences=2, length=12, log=lambda *_: None)
     return directory, report
 
 
