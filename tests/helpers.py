@@ -4,6 +4,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 import torch
 
 from parcae_serve.model.config import ParcaeConfig
@@ -101,6 +102,12 @@ def tiny_checkpoint(directory, cfg: ParcaeConfig | None = None, seed: int = 0):
     )  # fmt: skip
     save_checkpoint(random_model(cfg, seed), directory)
     return directory
+
+
+# A test that bounds wall-clock time (a stall of the event loop, an exit "at once") shares 2
+# cores with another test worker and real servers: one rerun, reported as such ("1 rerun" in
+# pytest's summary), before its failure counts. The bounds stay far below the faults guarded.
+wall_clock = pytest.mark.flaky(reruns=1)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> bool:

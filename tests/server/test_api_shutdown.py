@@ -11,7 +11,7 @@ import time
 import httpx
 
 from tests.conftest import running_server
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wall_clock
 
 LONG = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "recurrence_depth": 64}
 
@@ -22,6 +22,7 @@ def running(url: str) -> float:
                       if line.startswith("parcae_requests_running{")))  # fmt: skip
 
 
+@wall_clock
 def test_drain_grace_ends_running_requests_and_exits_zero(tiny_model_dir) -> None:
     with running_server(tiny_model_dir, "--drain-grace", "2") as server:
         url, results = server.url, {}
@@ -62,6 +63,7 @@ def test_drain_grace_ends_running_requests_and_exits_zero(tiny_model_dir) -> Non
     assert whole.json()["choices"][0]["finish_reason"] == "abort"
 
 
+@wall_clock
 def test_second_sigterm_exits_at_once(tiny_model_dir) -> None:
     with running_server(tiny_model_dir, "--drain-grace", "60") as server:
 
@@ -83,6 +85,7 @@ def test_second_sigterm_exits_at_once(tiny_model_dir) -> None:
         assert wait_for(lambda: httpx.get(f"{server.url}/health").status_code == 503, timeout=20)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(timeout=2) != 0
-        assert time.monotonic() - signalled < 2
+        # at once: within seconds (an exit on 2 loaded cores), not at the 60 s grace's end
+        assert server.proc.wait(timeout=10) != 0
+        assert time.monotonic() - signalled < 10
         worker.join(timeout=10)

@@ -21,7 +21,7 @@ from parcae_serve.server.engine.sampling import SamplingParams
 from parcae_serve.server.engine.scheduler import SchedulerConfig
 from parcae_serve.server.engine.sequence import EngineRequest, LoopParams, RecurrenceExit
 from tests.conftest import running_server
-from tests.helpers import outputs_together, random_model
+from tests.helpers import outputs_together, random_model, wall_clock
 
 CFG = ParcaeConfig(
     n_embd=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
@@ -153,6 +153,7 @@ def test_narrow_kv_cache_decodes_as_the_eager_runner(kv_dtype) -> None:
             eng.stop()
 
 
+@wall_clock
 def test_a_step_that_only_prefilled_keeps_the_engine_stepping() -> None:
     """A step whose only work was a prefill chunk run by its graph has more to do at once (the
     sequence's first token): the engine must not sleep until the next request (0.5 s)."""
@@ -160,12 +161,12 @@ def test_a_step_that_only_prefilled_keeps_the_engine_stepping() -> None:
     try:
         request = EngineRequest([1, 2, 3, 4, 5, 6], SamplingParams(max_tokens=3), LoopParams(2))
         times = []
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             eng.generate_sync(request)
             times.append(time.perf_counter() - start)
         assert eng.metrics.compiled_prefill._value.get() > 0
-        assert min(times) < 0.3
+        assert min(times) < 0.3, times  # a sleep would make every one of them 0.5 s or more
     finally:
         eng.stop()
 
