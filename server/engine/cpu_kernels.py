@@ -82,8 +82,9 @@ def _cpu_features() -> str:
 
 def _library_path() -> Path:
     """The cached library for this source, compiler (command and version), processor and
-    torch build. Raises OSError / SubprocessError when the compiler cannot be run."""
-    command = [*_compiler(), *CXX_FLAGS]
+    torch build (and where it lies: the library links against it). Raises OSError /
+    SubprocessError when the compiler cannot be run."""
+    command = [*_compiler(), *CXX_FLAGS, str(Path(torch.__file__).parent)]
     version = subprocess.run([*_compiler(), "--version"], capture_output=True, text=True,
                              timeout=60, check=True).stdout  # fmt: skip
     key = hashlib.sha256()
