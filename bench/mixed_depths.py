@@ -7,7 +7,7 @@
 The built-in model, its default KV policy (shared:1, what `--kv-policy auto` picks for it),
 decode graphs compiled for each depth. Each round submits `--streams` greedy requests of 48 new
 tokens at once, the depths in turn, once with merged calls and once with a call per depth (A and
-B interleaved; the same engine, `merge_keys` called with slack 1: only equal keys share a call).
+B interleaved; the same engine, its runner's merge slack set to 1: only equal keys share a call).
 Prints aggregate decode tokens/s and, at each stream's measured tokens/s, the model's FLOP rate
 against this machine's matmul rate (bench/fast_engine.py's cost model and measurement). Also
 what bounds it: the model's matrix products alone, for one decode step of `--streams` rows at
@@ -19,7 +19,6 @@ both ways (row counts change the matmuls' summation order, so a near tie may fli
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -36,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.fast_engine import cpu_name, matmul_gflops, token_flops  # noqa: E402
 from parcae_serve.model.loading import builtin_checkpoint, load_checkpoint  # noqa: E402
-from parcae_serve.server.engine import runner as runner_module  # noqa: E402
-from parcae_serve.server.engine.decode_graph import merge_keys  # noqa: E402
+from parcae_serve.server.engine.decode_graph import MERGE_SLACK  # noqa: E402
 from parcae_serve.server.engine.engine import Engine, EngineConfig  # noqa: E402
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy  # noqa: E402
 from parcae_serve.server.engine.sampling import SamplingParams  # noqa: E402
@@ -47,7 +45,7 @@ from tests.helpers import outputs_together  # noqa: E402
 
 NEW_TOKENS = 48
 CONTEXT = 100  # positions the cost model charges attention for (prompts 16, + up to 48)
-VARIANTS = {"merged": merge_keys, "per depth": functools.partial(merge_keys, slack=1.0)}
+VARIANTS = {"merged": MERGE_SLACK, "per depth": 1.0}  # the runner's merge slack
 
 
 def requests(depths: list[int], streams: int) -> list[EngineRequest]:
@@ -129,12 +127,11 @@ def main() -> None:
     try:
         run(engine, reqs)  # warm-up
         for _ in range(args.rounds):
-            for name, merge in VARIANTS.items():
-                runner_module.merge_keys = merge
+            for name, slack in VARIANTS.items():
+                engine.runner.merge_slack = slack
                 tps, tokens[name] = run(engine, reqs)
                 times[name].append(tps)
     finally:
-        runner_module.merge_keys = merge_keys
         engine.stop()
     flops = statistics.mean(token_flops(model, d, CONTEXT) for d in depths)
     rows = {name: {"tokens_per_s": statistics.median(t),

@@ -19,6 +19,7 @@ from torch import Tensor
 from parcae_serve.model.exit_probe import ExitProbe
 from parcae_serve.model.parcae import Parcae
 from parcae_serve.server.engine.decode_graph import (
+    MERGE_SLACK,
     CompiledDecoder,
     DecodeBatch,
     DecodeKey,
@@ -113,6 +114,7 @@ class ModelRunner:
         self.spec_graphs = SpeculativeGraphs(model, cache, compile_mode)
         self._eager_decoder: CompiledDecoder | None = None
         self._looped_rows: dict[int, tuple[Tensor, Tensor]] = {}
+        self.merge_slack = MERGE_SLACK  # see merge_keys (1: only equal keys share a call)
 
     # The compiled decode path --------------------------------------------------------------
     def compiled_key(self, g: InFlight) -> DecodeKey | None:
@@ -169,7 +171,8 @@ class ModelRunner:
         by_key: dict[DecodeKey, list[int]] = {}
         for i, key in enumerate(keys):
             by_key.setdefault(key, []).append(i)
-        calls = merge_keys({key: len(members) for key, members in by_key.items()})
+        rows = {key: len(members) for key, members in by_key.items()}
+        calls = merge_keys(rows, self.merge_slack)
         for call in calls:
             members = [i for key in call for i in by_key[key]]
             tensors = self._tensors(call[0][1])
