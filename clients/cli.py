@@ -61,6 +61,21 @@ def speculation(text: str) -> Speculation:
     return Speculation(int(d), int(k))
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def depth_list(text: str) -> list[int]:
     try:
         return [int(d) for d in text.split(",")]
@@ -286,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="self-speculative decoding, e.g. 1:4 (same output, usually faster)",
     )
     complete.add_argument("--stream", action="store_true", help="print tokens as they come")
-    complete.add_argument("--max-tokens", type=int, default=64)
+    complete.add_argument("--max-tokens", type=at_least(0), default=64)
     complete.add_argument("--temperature", type=float)
     complete.add_argument("--seed", type=int)
     complete.set_defaults(run=cmd_complete)
@@ -301,15 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser("bench", parents=[server], help="concurrent mixed-depth load")
-    bench.add_argument("--requests", type=int, default=32, help="requests in all")
-    bench.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    bench.add_argument("--requests", type=at_least(1), default=32, help="requests in all")
+    bench.add_argument(
+        "--concurrency", type=at_least(1), default=8, help="requests in flight at once"
+    )
     bench.add_argument(
         "--depths",
         type=depth_list,
         default=[1, 4, 8, 16],
         help="depths, cycled over the requests (default 1,4,8,16)",
     )
-    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--max-tokens", type=at_least(0), default=64)
     bench.add_argument("--prompt", default="def fibonacci(n):")
     bench.set_defaults(run=cmd_bench)
 

@@ -282,6 +282,13 @@ def model_cards(body: dict[str, Any]) -> list[ModelCard]:
     ]
 
 
+def server_root(base_url: str) -> str:
+    """The server's root URL: an OpenAI-style base URL (`http://host:8000/v1`, what the openai
+    SDK is given) names the same server, and this client adds `/v1/...` itself."""
+    root = base_url.rstrip("/")
+    return root.removesuffix("/v1") if root.endswith("/v1") else root
+
+
 class _ClientBase:
     def __init__(
         self,
@@ -295,7 +302,7 @@ class _ClientBase:
         self.max_retries, self.backoff = max_retries, backoff
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._options: dict[str, Any] = {
-            "base_url": base_url.rstrip("/"),
+            "base_url": server_root(base_url),
             "headers": headers,
             "timeout": timeout,
         }

@@ -26,7 +26,7 @@ from parcae_serve.server.api.chat import ChatService, ChatTemplate
 from parcae_serve.server.api.completions import CompletionService, ServingLimits
 from parcae_serve.server.api.frontier import Frontier
 from parcae_serve.server.api.gate import RequestGate
-from parcae_serve.server.api.routes import install_error_handlers, router
+from parcae_serve.server.api.routes import InternalErrors, install_error_handlers, router
 from parcae_serve.server.api.served_models import ServedModels, parse_presets
 from parcae_serve.server.api.settings import ServerSettings, default_kv_bytes, read_key_file
 from parcae_serve.server.api.state import ServerState
@@ -149,7 +149,8 @@ def build(state: ServerState) -> None:
     models = ServedModels(served_names(s), default_depth, s.max_depth, cfg.mean_recurrence,
                           parse_presets(s.preset))  # fmt: skip
     # before compiling: a preset every request would be refused is a start-up error
-    models.check_presets(can_auto=frontier is not None, can_learn=probe is not None)
+    models.check_presets(can_auto=frontier is not None, can_learn=probe is not None,
+                         kv_policy=policy)  # fmt: skip
     engine = Engine(model, engine_cfg, state.metrics, probe)
     depths = [int(d) for d in s.compile_depths.split(",")] if s.compile_depths else [default_depth]
     started = time.monotonic()
@@ -235,6 +236,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.parcae = state
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(InternalErrors)  # innermost: a crash answers as any response does
     app.add_middleware(RequestGate, api_keys=api_keys(settings),
                        max_body=settings.max_request_bytes)  # fmt: skip
     if settings.allowed_origins:  # outside the key check: a preflight carries no key

@@ -7,11 +7,13 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from parcae_serve.model.tokenizer import Tokenizer
 from parcae_serve.server.api.frontier import Frontier
@@ -30,7 +32,7 @@ from parcae_serve.server.api.protocol import (
 from parcae_serve.server.api.served_models import ServedModels, UnknownModel
 from parcae_serve.server.api.text import (
     ChoiceText,
-    encode_texts,
+    encode_with_offsets,
     token_names,
     token_offsets,
     with_bos,
@@ -101,6 +103,13 @@ class Piece:
     finish_reason: str | None
 
 
+class TokenizedPrompt(NamedTuple):
+    text: str  # what `echo` returns: the text sent, or the decoded token ids
+    ids: list[int]
+    added_bos: bool  # the server put BOS first (not echoed)
+    offsets: list[int] | None  # where each id starts in `text` (None: found by decoding)
+
+
 @dataclass
 class Choice:
     """One sequence to generate, and what its response needs."""
@@ -114,6 +123,7 @@ class Choice:
     logprobs: int | None
     as_ids: bool  # logprob tokens named `token_id:<id>`
     added_bos: bool  # the server put BOS before the client's prompt (not echoed)
+    prompt_offsets: list[int] | None = None  # where each prompt id starts in prompt_text
     text: ChoiceText | None = None
     started: bool = False
     held: list[tuple] = field(default_factory=list)  # logprob entries waiting for their text
@@ -134,11 +144,16 @@ class Choice:
         return len(self.prompt_text) if self.echo else 0
 
 
+# A token id as a JSON key: ASCII digits (str.isdigit also takes "²", which int() refuses, and
+# int() takes "１" and "٣", which no client means as an id).
+TOKEN_ID = re.compile(r"\s*-?[0-9]+\s*")
+
+
 def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
     """OpenAI's logit_bias: keys are token ids (as JSON strings), values in [-100, 100]."""
     out = {}
     for key, value in (bias or {}).items():
-        if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+        if not TOKEN_ID.fullmatch(key) or not 0 <= int(key) < vocab:
             raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}",
                            param="logit_bias")  # fmt: skip
         if not -100 <= value <= 100:
@@ -189,21 +204,33 @@ class CompletionService:
         vocab = self.limits.vocab_size
         if any(not 0 <= t < vocab for t in req.stop_token_ids or []):
             raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if req.min_tokens and self._bans_every_token(req, vocab):
+            raise APIError(400, "stop_token_ids (with EOS, unless ignore_eos) cover the whole "
+                           "vocabulary: until min_tokens no token could be sampled",
+                           param="min_tokens")  # fmt: skip
         bias = logit_bias(req.logit_bias, vocab)
         prompts = self._prompt_list(req.prompt, req.n)
         seed = random.randrange(2**62) if req.seed == -1 else req.seed
         choices = []
         tokenized = await self._tokenize(prompts, req.add_special_tokens)
-        for p_idx, (text, ids, added_bos) in enumerate(tokenized):
+        for p_idx, (text, ids, added_bos, offsets) in enumerate(tokenized):
             max_tokens = self._room(ids, req.max_tokens, depth, loops)
             for i in range(req.n):
                 sampling = self._sampling(req, max_tokens, None if seed is None else seed + i)
                 sampling.logit_bias = bias
                 choice = Choice(p_idx * req.n + i, EngineRequest(ids, sampling, loops), text, ids,
                                 req.echo, stops, req.logprobs, req.return_tokens_as_token_ids,
-                                added_bos)  # fmt: skip
+                                added_bos, offsets)  # fmt: skip
                 choices.append(choice)
         return choices
+
+    def _bans_every_token(self, req: CompletionRequest, vocab: int) -> bool:
+        """Whether no token may be sampled before min_tokens: the stop ids and EOS (unless
+        ignore_eos) are banned until then (vLLM's rule, engine.Engine._row)."""
+        banned = {*(req.stop_token_ids or [])}
+        if not req.ignore_eos and self.tokenizer.eos_id is not None:
+            banned.add(self.tokenizer.eos_id)
+        return len(banned) >= vocab
 
     def _room(self, ids: list[int], max_tokens: int | None, depth: int, loops: LoopParams) -> int:
         """The request's max_tokens clipped to the room its prompt leaves (unset: all of it) in
@@ -219,9 +246,14 @@ class CompletionService:
             what += ", which leaves no room for a completion"
         limit = None
         if capacity < self.limits.max_context:
+            policy = loops.kv_policy or self.engine.cache.policy
+            slots = f"{policy.num_slots(depth)} loop slots" + (
+                f", every loop kept above depth {policy.upto}"
+                if policy.kind != "per-loop" and policy.exact_at(depth)
+                else ""
+            )
             limit = (f"The KV cache holds at most {capacity} tokens of one sequence at recurrence "
-                     f"depth {depth} (--kv-cache-bytes, KV policy "
-                     f"{loops.kv_policy or self.engine.cache.policy})")  # fmt: skip
+                     f"depth {depth} (--kv-cache-bytes, KV policy {policy}: {slots})")  # fmt: skip
         raise _context_exceeded(self.limits.max_context, what, limit)
 
     def _choose_from_frontier(self, req: CompletionRequest, depth_given: bool) -> None:
@@ -350,9 +382,11 @@ class CompletionService:
 
     async def _tokenize(
         self, prompts: list[str | list[int]], add_bos: bool
-    ) -> list[tuple[str, list[int], bool]]:
-        """(text, ids, whether the server added BOS) of each prompt, computed in a worker thread:
-        a long prompt must not stall other requests, streams or /health.
+    ) -> list[TokenizedPrompt]:
+        """Each prompt tokenised in a worker thread: a long prompt must not stall other
+        requests, streams or /health. A text prompt's offsets are the tokenizer's, into the
+        text as sent (what `echo` returns); token ids are echoed as their decoded text, whose
+        offsets come from decoding.
 
         With `add_special_tokens` (the default) every prompt, text or token ids, starts with
         BOS: the server adds it unless the ids already start with it. So a text and its token
@@ -360,20 +394,24 @@ class CompletionService:
         the model and score the same; the added BOS is never echoed (`echo` returns what the
         client sent, each token scored)."""
 
-        def work() -> list[tuple[str, list[int], bool]]:
+        def work() -> list[TokenizedPrompt]:
             texts = [p for p in prompts if isinstance(p, str)]
-            encoded = iter(encode_texts(self.tokenizer, texts, add_bos=False) if texts else [])
+            encoded = iter(encode_with_offsets(self.tokenizer, texts) if texts else [])
             out = []
             for p in prompts:
-                text, raw = (
-                    (p, next(encoded)) if isinstance(p, str) else (self.tokenizer.decode(p), p)
+                text, (raw, offsets) = (
+                    (p, next(encoded))
+                    if isinstance(p, str)
+                    else (self.tokenizer.decode(p), (p, None))
                 )
                 ids, added = with_bos(self.tokenizer, raw) if add_bos else (list(raw), False)
-                out.append((text, ids, added))
+                if offsets is not None and added:
+                    offsets = [0, *offsets]
+                out.append(TokenizedPrompt(text, ids, added, offsets))
             return out
 
         out = await asyncio.to_thread(work)
-        if any(not ids for _, ids, _ in out):  # a tokenizer without BOS and an empty string
+        if any(not p.ids for p in out):  # a tokenizer without BOS and an empty string
             raise APIError(400, "prompt must not be empty", param="prompt")
         return out
 
@@ -436,7 +474,7 @@ class CompletionService:
 
     def _prompt_logprobs(self, choice: Choice, out: StepOutput, logp: Logprobs) -> None:
         scores, depths, ids = out.prompt_scores, out.prompt_depths or [], choice.prompt_ids
-        offsets = token_offsets(self.tokenizer, ids)
+        offsets = choice.prompt_offsets or token_offsets(self.tokenizer, ids)
         for i, token in enumerate(ids):
             if i == 0 and choice.added_bos:  # the server's, not the client's: not echoed
                 continue

@@ -106,12 +106,15 @@ Prompt = Union[str, _list_of(str), _list_of(int), _list_of(_list_of(int))]  # no
 
 
 @functools.cache
-def _not_nullable(model: type[BaseModel]) -> frozenset[str]:
-    """The fields of `model` that have a default and whose type does not admit None."""
+def _null_is_unset(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of `model` for which an explicit null means what leaving them out means:
+    those with a default whose type does not admit None, and those whose default is None
+    (max_tokens, default 16, keeps its null: no limit)."""
     return frozenset(
         name
         for name, field in model.model_fields.items()
-        if not field.is_required() and type(None) not in get_args(field.annotation)
+        if not field.is_required()
+        and (type(None) not in get_args(field.annotation) or field.default is None)
     )
 
 
@@ -158,12 +161,13 @@ class GenerationFields(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        """An explicit null for a field that is not nullable here means its default: OpenAI's
-        spec declares these fields nullable (temperature, top_p, n, stream, ...) and clients send
-        nulls for what they leave unset; vLLM reads them as unset too."""
+        """An explicit null means the field is unset: OpenAI's spec declares these fields
+        nullable (temperature, top_p, n, stream, ...) and clients send nulls for what they leave
+        unset; vLLM reads them as unset too. Dropped here, so a null is not "set" either: a
+        depth or preset the model name stands for (`ID@T12`) still applies."""
         if not isinstance(data, dict):
             return data
-        return {k: v for k, v in data.items() if v is not None or k not in _not_nullable(cls)}
+        return {k: v for k, v in data.items() if v is not None or k not in _null_is_unset(cls)}
 
 
 class CompletionRequest(GenerationFields):

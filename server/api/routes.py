@@ -5,6 +5,7 @@ response a route can give."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parcae_serve.server.api.completions import APIError, model_not_found
 from parcae_serve.server.api.protocol import (
@@ -37,6 +39,8 @@ from parcae_serve.server.api.protocol import (
 from parcae_serve.server.api.state import ServerState
 from parcae_serve.server.api.text import encode_texts, parse_client_json
 from parcae_serve.server.engine.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.2
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # pydantic's union-member locs
@@ -86,6 +90,40 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
+class InternalErrors:
+    """Pure ASGI middleware, innermost: an unexpected exception becomes a 500 with the OpenAI
+    error body, sent as any response is. Starlette's own catch-all answers from outside every
+    middleware and then re-raises: uvicorn dropped the connection (a client's next keep-alive
+    request was reset) and the response went out without its X-Request-Id. A response already
+    started cannot be replaced: that exception goes on up."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as err:
+            if started:
+                raise
+            log.exception("internal error in %s %s", scope["method"], scope["path"])
+            await internal_error(err)(scope, receive, send)
+        return None
+
+
+def internal_error(err: Exception) -> JSONResponse:
+    return error_response(APIError(500, f"internal error: {type(err).__name__}", "internal_error"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -110,11 +148,9 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "NotFoundError" if err.status_code == 404 else "invalid_request_error"
         return error_response(APIError(err.status_code, str(err.detail), kind, headers=err.headers))
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # outside the middleware: InternalErrors answers first
     async def crashed(_: Request, err: Exception) -> JSONResponse:
-        return error_response(
-            APIError(500, f"internal error: {type(err).__name__}", "internal_error")
-        )
+        return internal_error(err)
 
 
 def serving(request: Request) -> ServerState:

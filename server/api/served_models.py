@@ -73,13 +73,21 @@ class ServedModels:
     def primary(self) -> str:
         return self.aliases[0]
 
-    def check_presets(self, can_auto: bool, can_learn: bool) -> None:
-        """Refuse, at start-up, a preset every request would get a 400 for."""
+    def check_presets(self, can_auto: bool, can_learn: bool, kv_policy: LoopSlotPolicy) -> None:
+        """Refuse, at start-up, a preset every request would get a 400 for; `kv_policy`: the
+        server's, which a preset's may not need more cache slots than."""
         for name, preset in self.presets.items():
             depth, rule = preset.recurrence_depth, preset.recurrence_exit
             if depth is not None and depth > self.max_depth:
                 raise ValueError(
                     f"--preset {name}: depth {depth} exceeds --max-depth {self.max_depth}"
+                )
+            runs_at = depth or self.default_depth
+            own = None if preset.kv_policy is None else LoopSlotPolicy.parse(preset.kv_policy)
+            if own is not None and own.num_slots(runs_at) > kv_policy.num_slots(runs_at):
+                raise ValueError(
+                    f"--preset {name}: kv_policy {own} needs more cache slots at depth {runs_at} "
+                    f"than the server's {kv_policy} (--kv-policy)"
                 )
             if rule is not None and rule.criterion == "auto" and not can_auto:
                 raise ValueError(

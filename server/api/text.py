@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import re
 from typing import Any
 
@@ -36,14 +37,22 @@ def _no_constant(name: str) -> Any:
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but no double holds it
+        raise json.JSONDecodeError(f"{text} is out of a double's range", text, 0)
+    return value
+
+
 def parse_client_json(body: bytes) -> Any:
     """A request body as JSON, whatever bytes it holds: invalid UTF-8 (e.g. CESU-8 surrogates)
-    and lone surrogates become U+FFFD; NaN and Infinity, which JSON lacks, are a decode error."""
+    and lone surrogates become U+FFFD; NaN and Infinity, which JSON lacks, are a decode error,
+    and so is a number too large for a double (Python would read it as infinity)."""
     text = body.decode("utf-8", "replace")
     collecting = gc.isenabled()
     gc.disable()  # a body of many small lists would trigger a collection every 700 of them
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     finally:
         if collecting:
             gc.enable()
@@ -56,6 +65,16 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], add_bos: bool = True) -
     event loop keeps serving."""
     encodings = tokenizer.tok.encode_batch(texts, add_special_tokens=False)
     return [with_bos(tokenizer, e.ids)[0] if add_bos else e.ids for e in encodings]
+
+
+def encode_with_offsets(
+    tokenizer: Tokenizer, texts: list[str]
+) -> list[tuple[list[int], list[int]]]:
+    """Each text's ids (no BOS) and where each token starts in the text, in characters: the
+    tokenizer's own offsets, so a special-token string the client wrote (`<|pad|>`) is counted
+    as written, where decoding would render it as nothing. GIL-free, as `encode_texts`."""
+    encodings = tokenizer.tok.encode_batch(texts, add_special_tokens=False)
+    return [(e.ids, [start for start, _ in e.offsets]) for e in encodings]
 
 
 def with_bos(tokenizer: Tokenizer, ids: list[int]) -> tuple[list[int], bool]:

@@ -144,6 +144,28 @@ def test_cli_takes_the_url_from_the_environment(
     assert capsys.readouterr().out == "ok\n"
 
 
+def test_cli_takes_an_openai_style_base_url(
+    live_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`.../v1` is what the openai SDK is given; it names the same server."""
+    for url in (f"{live_server}/v1", f"{live_server}/v1/", f"{live_server}/"):
+        assert cli.main(["health", "--url", url]) == 0
+        assert capsys.readouterr().out == "ok\n"
+
+
+@pytest.mark.parametrize(
+    "flags", [["--concurrency", "0"], ["--concurrency", "-1"], ["--requests", "0"],
+              ["--concurrency", "x"], ["--max-tokens", "-1"]],
+)  # fmt: skip
+def test_cli_bench_refuses_counts_it_cannot_run(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A concurrency of 0 waited forever on its semaphore; -1 crashed with a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--url", "http://127.0.0.1:9", *flags])
+    assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
 def test_cli_bench_prints_throughput_and_latency(
     live_server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

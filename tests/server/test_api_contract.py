@@ -124,6 +124,25 @@ def test_text_offsets_index_the_returned_text(builtin_server: str, body: dict) -
         assert_top_logprobs_consistent(choice, body["logprobs"])
 
 
+@pytest.mark.parametrize("prompt", ["x<|pad|>y", "<|bos|>def f(x):", "def <|eos|> f(x):",
+                                    "héllo 🎉<|pad|>"])  # fmt: skip
+def test_echoed_special_token_strings_are_offset_as_written(builtin_server, prompt) -> None:
+    """A special token's string in a text prompt is a token of its own; echoed, the text is the
+    prompt as sent, so each offset counts that string where it stands (decoding renders special
+    tokens as nothing, which put every later offset too early)."""
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}
+    choice = complete(builtin_server, body)["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    ends = [*lp["text_offset"][1:], len(prompt)]
+    pieces = [prompt[a:b] for a, b in zip(lp["text_offset"], ends, strict=True)]
+    for piece, token in zip(pieces, lp["tokens"], strict=True):
+        if "\ufffd" not in token and piece:  # a character's bytes: all but the last are empty
+            assert piece == token, (pieces, lp["tokens"])
+    assert "".join(pieces) == prompt
+
+
 def test_reported_stop_case_has_offsets_one_per_token(builtin_server: str) -> None:
     choice = complete(builtin_server, OFFSET_CASES[0])["choices"][0]
     lp, text = choice["logprobs"], choice["text"]
@@ -325,6 +344,40 @@ def test_null_means_the_default(live_server: str) -> None:
                    json={**chat, "logprobs": None, "add_generation_prompt": None, "n": None})  # fmt: skip
     assert r.status_code == 200, r.text
     assert post(live_server, {"prompt": None}).status_code == 400  # required: null is no prompt
+
+
+def test_null_on_a_looping_field_keeps_what_the_model_name_stands_for(live_server) -> None:
+    """`ID@T5` with `recurrence_depth: null` (a client that sends unset fields as null) runs at
+    depth 5, not at the server's default."""
+    model = httpx.get(f"{live_server}/v1/models").json()["data"][0]["id"]
+    body = {"prompt": CODE, "max_tokens": 2, "model": f"{model}@T5"}  # the default is 3
+    for nulls in ({}, {"recurrence_depth": None}, {"recurrence_depth": None, "kv_policy": None,
+                                                   "recurrence_exit": None}):  # fmt: skip
+        usage = complete(live_server, {**body, **nulls})["usage"]
+        assert usage["recurrence"]["mean_depth"] == 5, nulls
+
+
+def test_a_request_that_bans_every_token_is_refused(live_server: str) -> None:
+    """Until min_tokens, stop ids and EOS may not be sampled: if they are the whole vocabulary
+    no token can be, and the request is a 400 up front (it was a 500 when sampled, and a banned
+    token when greedy)."""
+    vocab = httpx.get(f"{live_server}/tokenizer_info").json()["vocab_size"]
+    every = {"prompt": "a", "max_tokens": 3, "min_tokens": 2, "stop_token_ids": list(range(vocab))}
+    for extra in ({"temperature": 1}, {"temperature": 0}, {"stream": True}):
+        r = post(live_server, {**every, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
+    allowed = [complete(live_server, {**every, "min_tokens": 0}),  # stops at once, as asked
+               complete(live_server, {**every, "stop_token_ids": list(range(1, vocab)),
+                                      "ignore_eos": True, "temperature": 0})]  # fmt: skip
+    assert allowed[0]["choices"][0]["finish_reason"] == "stop"
+    assert allowed[1]["usage"]["completion_tokens"] >= 2
+
+
+def test_a_number_beyond_a_double_is_refused(live_server: str) -> None:
+    body = '{"prompt": "a", "max_tokens": 1, "recurrence_exit": {"criterion": "kl", "threshold": 1e400}}'
+    r = httpx.post(f"{live_server}/v1/completions", content=body, timeout=60,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and "range" in r.json()["error"]["message"], r.text
 
 
 def test_a_prompt_that_fills_the_context_is_scored_not_continued(live_server: str) -> None:

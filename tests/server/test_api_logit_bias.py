@@ -40,9 +40,21 @@ def test_bias_reaches_sampled_rows_too(live_server: str) -> None:
     assert ids(out) == [17, 17, 17]
 
 
-@pytest.mark.parametrize("bias", [{"abc": 1}, {"-1": 1}, {"999999": 1}, {"3": 101}, {"3": -200}])
+@pytest.mark.parametrize("bias", [{"abc": 1}, {"-1": 1}, {"999999": 1}, {"3": 101}, {"3": -200},
+                                  {"²": 1}, {"１": 1}, {"٣": 1}, {"": 1}, {"1.0": 1}])  # fmt: skip
 def test_bad_bias_is_refused_naming_the_field(live_server: str, bias: dict) -> None:
     r = httpx.post(f"{live_server}/v1/completions", timeout=60,
                    json={"prompt": "x", "max_tokens": 1, "logit_bias": bias})  # fmt: skip
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "logit_bias"
+
+
+def test_a_refused_bias_leaves_the_connection_open(live_server: str) -> None:
+    """A key str.isdigit takes but int() refuses ("²") was a 500 that dropped the keep-alive
+    connection; it is a 400 like any other, and the same connection serves the next request."""
+    with httpx.Client(timeout=60) as client:
+        for _ in range(2):
+            r = client.post(f"{live_server}/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 1, "logit_bias": {"²": 1}})  # fmt: skip
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"

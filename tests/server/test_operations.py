@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from parcae_serve.server.api.served_models import ServedModels, parse_presets
+from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
 from tests.conftest import running_server
 from tests.helpers import wait_for
 
@@ -178,3 +180,17 @@ def test_a_client_that_leaves_mid_body_is_logged_as_499(ops) -> None:
     logged = lambda: [x for x in log.read_text().splitlines() if "req=left-early " in x]  # noqa: E731
     assert wait_for(lambda: bool(logged()))
     assert " POST /v1/completions 499 " in logged()[0]
+
+
+def test_a_preset_whose_kv_policy_needs_more_slots_is_refused_at_start() -> None:
+    """Every request to `@pl` would get a 400 on a `shared:1` server: a start-up error."""
+    presets = parse_presets(['pl={"kv_policy":"per-loop"}', 'one={"kv_policy":"shared:1"}'])
+    models = ServedModels(["m"], default_depth=4, max_depth=16, mean_recurrence=4,
+                          presets=presets)  # fmt: skip
+    with pytest.raises(ValueError, match=r"--preset pl: kv_policy per-loop .* depth 4"):
+        models.check_presets(True, True, LoopSlotPolicy.parse("shared:1"))
+    models.check_presets(True, True, LoopSlotPolicy.parse("per-loop"))  # room for either
+    shallow = parse_presets(['pl={"kv_policy":"per-loop","recurrence_depth":1}'])
+    ServedModels(["m"], 4, 16, 4, shallow).check_presets(
+        True, True, LoopSlotPolicy.parse("shared:1")
+    )
