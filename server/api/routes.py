@@ -257,14 +257,17 @@ async def models(request: Request) -> ModelList:
 
 @router.get("/v1/models/{model_id:path}", responses=_errors(401, 404, 503))
 async def model(request: Request, model_id: str) -> ModelCard:
-    """One of the names `/v1/models` lists (OpenAI's retrieve; 404 model_not_found else)."""
-    for card in _model_cards(serving(request)):
-        if card.id == model_id:
-            return card
-    raise model_not_found(model_id)
+    """Any name a request may use (OpenAI's retrieve): those `/v1/models` lists, and any other
+    `ID@T<n>` up to --max-depth or alias@preset; 404 model_not_found else."""
+    state = serving(request)
+    entry = state.service.limits.models.describe(model_id)
+    if entry is None:
+        raise model_not_found(model_id)
+    return _model_cards(state, [entry])[0]
 
 
-def _model_cards(state: ServerState) -> list[ModelCard]:
+def _model_cards(state: ServerState, entries: list | None = None) -> list[ModelCard]:
+    """Cards of `entries` (id, parent, settings), by default every name /v1/models lists."""
     cfg, limits = state.engine.model.cfg, state.service.limits
     served = {
         "mean_recurrence": cfg.mean_recurrence,
@@ -282,7 +285,7 @@ def _model_cards(state: ServerState) -> list[ModelCard]:
         ModelCard(id=name, created=created, owned_by="parcae-serve", root=limits.model_name,
                   parent=parent, max_model_len=limits.max_context,
                   recurrence=served if parent is None else settings)
-        for name, parent, settings in limits.models.listed()
+        for name, parent, settings in (limits.models.listed() if entries is None else entries)
     ]  # fmt: skip
 
 

@@ -110,6 +110,20 @@ class ServedModels:
             return self.presets[suffix]
         raise UnknownModel(name)
 
+    def describe(self, name: str) -> tuple[str, str | None, dict] | None:
+        """(id, parent, settings) of any name a request may use, listed or not (`alias@T<n>`
+        up to --max-depth, `alias@preset`); None for a name requests are refused."""
+        for entry in self.listed():
+            if entry[0] == name:
+                return entry
+        try:
+            fields = self.resolve(name)
+        except UnknownModel:
+            return None
+        if (fields.recurrence_depth or 0) > self.max_depth:
+            return None
+        return name, name.rpartition("@")[0], fields.given()
+
     def listed(self) -> list[tuple[str, str | None, dict]]:
         """(id, parent, settings) of every name /v1/models lists: the aliases, each preset, and
         `@T<n>` for typical depths (any n up to --max-depth works)."""

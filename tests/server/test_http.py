@@ -357,6 +357,22 @@ def test_each_listed_model_can_be_retrieved(client: openai.OpenAI) -> None:
     assert error["code"] == "model_not_found" and len(error["message"]) < 300
 
 
+def test_any_name_a_request_may_use_can_be_retrieved(client: openai.OpenAI) -> None:
+    """`ID@T<n>` works for any n up to --max-depth, listed or not: so does its retrieve."""
+    served = model_id(client)
+    listed = {m.id for m in client.models.list().data}
+    assert f"{served}@T5" not in listed
+    card = client.models.retrieve(f"{served}@T5")
+    assert (card.id, card.parent, card.recurrence) == (
+        f"{served}@T5",
+        served,
+        {"recurrence_depth": 5},
+    )
+    for refused in (f"{served}@T0", f"{served}@T999", f"{served}@nope", "other@T5"):
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(refused)
+
+
 def test_oversize_prompt_says_context_length_exceeded(live_server: str) -> None:
     r = httpx.post(f"{live_server}/v1/completions", json={"prompt": [5] * 600})
     assert r.json()["error"]["code"] == "context_length_exceeded"
