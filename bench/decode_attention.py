@@ -5,8 +5,7 @@ inside the built-in model's compiled decode graph.
                                      [--kv-cache-dtype float32|float16|bfloat16|fp8]
                                      [--out bench/out/decode_attention.json]
 
-One process, one engine, both variants compiled (CompiledDecoder.fused toggled; the kernel
-also for one row, which the server leaves to inductor over fp32 pools only: this shows why),
+One process, one engine, both variants compiled (CompiledDecoder.fused toggled),
 then for a batch of 1 and of 32 rows at 64, 256 and 900 positions of context: the median time
 of one graph call (one decode token per row, all loops), A and B interleaved `--rounds` times. Rows of a
 batch have different lengths (L down to L/2), as in serving; K/V rows are real pool rows.
@@ -86,7 +85,7 @@ def main() -> None:
     if not decoder.fused:
         sys.exit("the CPU kernel is not available here (see cpu_kernels.available)")
     for fused in (False, True):  # compile both variants, the kernel's for one row too
-        decoder.fused, decoder.fused_min_rows = fused, 1
+        decoder.fused = fused
         decoder.ready.discard(args.depth)
         engine.compile_decode([args.depth])
     times: dict[tuple[bool, int, int], list[float]] = {}

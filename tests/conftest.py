@@ -36,16 +36,20 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def running_server(
-    model_dir: Path, *flags: str, timeout: float = 60, log: Path | None = None
+    model_dir: Path,
+    *flags: str,
+    timeout: float = 60,
+    log: Path | None = None,
+    threads: int | None = 1,
 ) -> Iterator[ServerProcess]:
     """`parcae-serve` in a subprocess on 127.0.0.1, yielded once /health is 200 (its stderr goes
-    to `log` if given)."""
+    to `log` if given). Eager unless `flags` say otherwise (a later --compile wins), on `threads`
+    kernel threads: one for tests, where another worker shares the cores; None: the server's
+    own default, what a benchmark measures."""
     port = free_port()
-    # eager and on one kernel thread (another test worker shares the cores) unless a test opts
-    # in: a later --compile or --threads in `flags` wins
     cmd = [sys.executable, "-m", "parcae_serve.server.api.cli", "--model", str(model_dir), "--port", str(port),
-           "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20),
-           "--compile", "off", "--threads", "1", *flags]  # fmt: skip
+           "--log-level", "warning", "--kv-cache-bytes", str(64 * 2**20), "--compile", "off",
+           *([] if threads is None else ["--threads", str(threads)]), *flags]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     stderr = open(log, "w") if log else None  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr)

@@ -366,15 +366,12 @@ class CompiledDecoder:
 
     def __init__(self, model: Parcae, cache: KVCache, mode: str) -> None:
         self.model, self.cache, self.mode = model, cache, mode
-        # batches of 2+ rows attend with the CPU kernel where it is built. One row over fp32
-        # pools keeps inductor's attention: in the single-row graph each external call costs
-        # ~25 us, and on a 2-core AMD EPYC the kernel's row was no faster even at 900 positions.
-        # Over narrower pools one row takes the kernel too: inductor writes fp8's conversion as
-        # scalar code (kernel 1.3x at 64 positions to 3.6x at 900), and over fp16 / bf16 the
-        # kernel's row ties at 64 and is 1.13-1.27x faster at 256-900 (bench/decode_attention.py,
-        # bench/RESULTS.md)
+        # every row attends with the CPU kernel where it is built. One row over fp32 pools
+        # kept inductor's attention until the kernel matched it at short context: over HTTP
+        # (built-in, T=6, 2 threads) the kernel's row is within noise of inductor's at 64 and
+        # 256 positions and 1.15x / 1.23-1.30x faster at 512 / 900, where a layer's K/V no
+        # longer fit L2 and inductor's loop reads them once per head (bench/RESULTS.md)
         self.fused = fused_attention_fits(cache)
-        self.fused_min_rows = 2 if cache.outer_k.dtype == torch.float32 else 1
         self.ready: set[int] = set()
         # inductor on the CPU: graphs compiled ahead, called without dynamo (see _graph)
         self.ahead = mode == "inductor" and cache.outer_k.device.type == "cpu"
@@ -426,7 +423,7 @@ class CompiledDecoder:
             padded = pad_batch(batch, bucket(B, BATCH_BUCKETS), bucket(L), S)
         else:
             padded = pad_batch(batch, B, L, S)
-        fused = self.fused and self.fused_min_rows <= B
+        fused = self.fused
         args = (self.model, depth, padded, self.pools, fused, key)
         out = self._graph(depth, B, S, fused, key, args)(*args)
         if padded.lengths.shape[0] != B:  # writes of padding rows would land in row 0
@@ -458,7 +455,7 @@ class CompiledDecoder:
 
     def _compile_ahead(self, depth: int, rows: int, key: KeyTensors) -> None:
         batch = dummy_batch(self.cache, self.model, depth, rows, row_depths=True)
-        fused = self.fused and self.fused_min_rows <= rows
+        fused = self.fused
         kind = "batch" if rows > 1 else "planned" if depth <= PLANNED_MAX_DEPTH else "single"
         fn = self._ahead_fns[kind]
         compiled = fn.aot_compile(((self.model, depth, batch, self.pools, fused, key), {}))
