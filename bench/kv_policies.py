@@ -50,7 +50,7 @@ def prefix_ttft(model_dir: Path, tokenizer: Tokenizer, prompt_tokens: int) -> di
     body = {"prompt": ids, "max_tokens": 1, "temperature": 0, "seed": 1}
     # prefixes are reused exactly under every policy: prompts keep every loop while prefilling
     flags = ("--kv-cache-bytes", str(BUDGET))
-    with running_server(model_dir, *flags) as server:
+    with running_server(model_dir, *flags, threads=None) as server:
         times = []
         for _ in range(3):
             start = time.perf_counter()

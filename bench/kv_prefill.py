@@ -104,7 +104,9 @@ def main() -> None:
     report: dict = {"command": " ".join(sys.argv), "machine": platform.processor() or
                     platform.machine(), "threads": torch.get_num_threads(), "stall": {}}  # fmt: skip
     for name, chunk in (("chunked", "256"), ("one_chunk", "4096")):
-        with running_server(model_dir, *common, "--prefill-chunk", chunk, timeout=600) as s:
+        with running_server(
+            model_dir, *common, "--prefill-chunk", chunk, timeout=600, threads=None
+        ) as s:
             report["policy"] = httpx.get(f"{s.url}/v1/models").json()["data"][0]["recurrence"]
             report["stall"][name] = worst_gap(s.url, tokenizer)
             print(name, json.dumps(report["stall"][name]), flush=True)

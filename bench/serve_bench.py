@@ -121,7 +121,7 @@ def main() -> None:
     report["naive_tokens_per_s"] = naive_tokens_per_s(model_dir, args.depth, args.new_tokens)
     flags = ("--kv-policy", args.kv_policy, "--max-batch", str(max(64, args.concurrency)),
              "--kv-cache-bytes", str(512 * 2**20))  # fmt: skip
-    with running_server(model_dir, *flags) as server:
+    with running_server(model_dir, *flags, threads=None) as server:
         url = server.url
         asyncio.run(run_streams(url, [args.depth], 8))  # warm-up
         singles = [
