@@ -65,15 +65,25 @@ class ClientTextRequest(Request):
 
 
 class ClientTextRoute(APIRoute):
-    """Routes whose JSON body is parsed by `parse_client_json`: any bytes, any text."""
+    """Routes whose body is parsed by `parse_client_json`: any bytes, any text, and under any
+    Content-Type. FastAPI reads a body as JSON only when the header says JSON, and validated a
+    `text/plain` or form-encoded one (`curl -d` sends that) as raw bytes: "Input should be a
+    valid dictionary", which does not point at the header. These routes take nothing but JSON,
+    so a body is JSON or a 400 that says where it fails to parse."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
 
         async def parse_as_client_text(request: Request) -> Response:
-            return await handler(ClientTextRequest(request.scope, request.receive))
+            return await handler(ClientTextRequest(as_json(request.scope), request.receive))
 
         return parse_as_client_text
+
+
+def as_json(scope: Scope) -> Scope:
+    """`scope` with its Content-Type set to JSON (the other headers kept)."""
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 router = APIRouter(route_class=ClientTextRoute)

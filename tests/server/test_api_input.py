@@ -55,6 +55,21 @@ def test_any_text_gets_an_answer(live_server: str, path, template, status, text)
         assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_is_read_whatever_its_content_type(live_server: str, content_type) -> None:
+    """`curl -d` sends form-encoded; some clients send text/plain. The body was validated as raw
+    bytes ("Input should be a valid dictionary"); it is read as the JSON it is, and a body that
+    is not JSON gets a 400 saying so."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = b'{"prompt": "x", "max_tokens": 2, "ignore_eos": true}'
+    r = httpx.post(f"{live_server}/v1/completions", content=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+    r = httpx.post(f"{live_server}/v1/completions", content=b"prompt=x&max_tokens=2",
+                   headers=headers, timeout=60)  # fmt: skip
+    assert r.status_code == 400 and "invalid JSON body" in r.json()["error"]["message"], r.text
+
+
 def test_unencodable_text_is_read_as_replacement_characters(live_server: str) -> None:
     def tokens(raw: bytes) -> list[int]:
         return raw_post(live_server, "/tokenize", b'{"prompt": %s}' % raw).json()["tokens"]
