@@ -285,8 +285,7 @@ def model_cards(body: dict[str, Any]) -> list[ModelCard]:
 def server_root(base_url: str) -> str:
     """The server's root URL: an OpenAI-style base URL (`http://host:8000/v1`, what the openai
     SDK is given) names the same server, and this client adds `/v1/...` itself."""
-    root = base_url.rstrip("/")
-    return root.removesuffix("/v1") if root.endswith("/v1") else root
+    return base_url.rstrip("/").removesuffix("/v1")
 
 
 class _ClientBase:

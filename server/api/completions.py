@@ -39,7 +39,11 @@ from parcae_serve.server.api.text import (
 )
 from parcae_serve.server.engine.engine import Engine, QueueFull
 from parcae_serve.server.engine.kv_cache import LoopSlotPolicy
-from parcae_serve.server.engine.sampling import SamplingParams, is_greedy
+from parcae_serve.server.engine.sampling import (
+    SamplingParams,
+    banned_before_min_tokens,
+    is_greedy,
+)
 from parcae_serve.server.engine.sequence import (
     EngineRequest,
     LoopParams,
@@ -225,12 +229,9 @@ class CompletionService:
         return choices
 
     def _bans_every_token(self, req: CompletionRequest, vocab: int) -> bool:
-        """Whether no token may be sampled before min_tokens: the stop ids and EOS (unless
-        ignore_eos) are banned until then (vLLM's rule, engine.Engine._row)."""
-        banned = {*(req.stop_token_ids or [])}
-        if not req.ignore_eos and self.tokenizer.eos_id is not None:
-            banned.add(self.tokenizer.eos_id)
-        return len(banned) >= vocab
+        """Whether no token may be sampled before min_tokens."""
+        stop_ids, eos = req.stop_token_ids or [], self.tokenizer.eos_id
+        return len(set(banned_before_min_tokens(stop_ids, eos, req.ignore_eos))) >= vocab
 
     def _room(self, ids: list[int], max_tokens: int | None, depth: int, loops: LoopParams) -> int:
         """The request's max_tokens clipped to the room its prompt leaves (unset: all of it) in

@@ -84,7 +84,7 @@ class ServedModels:
                 )
             runs_at = depth or self.default_depth
             own = None if preset.kv_policy is None else LoopSlotPolicy.parse(preset.kv_policy)
-            if own is not None and own.num_slots(runs_at) > kv_policy.num_slots(runs_at):
+            if own is not None and not own.fits_within(kv_policy, runs_at):
                 raise ValueError(
                     f"--preset {name}: kv_policy {own} needs more cache slots at depth {runs_at} "
                     f"than the server's {kv_policy} (--kv-policy)"

@@ -28,6 +28,7 @@ from parcae_serve.server.engine.runner import CODA_WAIT, InFlight, ModelRunner
 from parcae_serve.server.engine.sampling import (
     Sampled,
     SampleRow,
+    banned_before_min_tokens,
     plain_greedy,
     prompt_scores,
     sample,
@@ -310,12 +311,10 @@ class Engine:
 
     def _row(self, seq: Sequence, output: list[int]) -> SampleRow:
         """What sampling needs of `seq` with `output` generated so far."""
-        p, eos = seq.request.sampling, self.config.eos_id
+        p = seq.request.sampling
         banned = []
         if len(output) < p.min_tokens:
-            banned = list(p.stop_token_ids) + (
-                [eos] if eos is not None and not p.ignore_eos else []
-            )
+            banned = banned_before_min_tokens(p.stop_token_ids, self.config.eos_id, p.ignore_eos)
         return SampleRow(p, seq.sample_gen, seq.tokens[: seq.num_prompt], output, banned)
 
     def _emit_samples(

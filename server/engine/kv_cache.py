@@ -65,6 +65,11 @@ class LoopSlotPolicy:
     def num_slots(self, depth: int) -> int:
         return depth if self.exact_at(depth) else min(self.k, depth)
 
+    def fits_within(self, server: LoopSlotPolicy, depth: int) -> bool:
+        """Whether this (a request's or preset's) policy needs no more cache slots at `depth`
+        than the server's: only then can it share the server's cache."""
+        return self.num_slots(depth) <= server.num_slots(depth)
+
     def slot(self, loop: int, depth: int) -> int:
         if self.exact_at(depth):
             return loop
@@ -304,7 +309,7 @@ class KVCache:
 
     def allows(self, policy: LoopSlotPolicy, depth: int) -> bool:
         """A per-request policy is safe when it needs no more slots than the server's."""
-        return policy.num_slots(depth) <= self.policy.num_slots(depth)
+        return policy.fits_within(self.policy, depth)
 
     def _take(self, num_slots: int) -> Bundle | None:
         while len(self.free_outer) < 1 or len(self.free_rec) < num_slots:

@@ -40,6 +40,14 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
 
+def banned_before_min_tokens(
+    stop_ids: list[int], eos_id: int | None, ignore_eos: bool
+) -> list[int]:
+    """The tokens a sequence may not sample until it has min_tokens (vLLM's rule): its stop ids,
+    and EOS unless ignore_eos."""
+    return [*stop_ids, *([eos_id] if eos_id is not None and not ignore_eos else [])]
+
+
 @dataclass
 class SampleRow:
     """What sampling needs to know about one sequence this step."""
