@@ -8,7 +8,6 @@
 // and a horizontal sum per (position, head), ~150 cycles each; here a position costs one
 // contiguous dot product and one axpy per query head (measured in bench/RESULTS.md).
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional_bfloat16.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
