@@ -91,6 +91,7 @@ class Engine:
         self._outbox: list[tuple[Callable[[StepOutput], None], StepOutput]] = []
         self._stop = False
         self.pending = 0  # submitted and not yet finished (read by the SIGTERM drain)
+        self._inbox_adds = 0  # "add" messages in the inbox (has_room counts them as waiting)
         self._pending_lock = threading.Lock()
         self._counted = (0, 0, 0)  # prefix queries, hits, preemptions already in the metrics
         self._spec_totals = [0, 0]  # tokens drafted, accepted (for the acceptance-rate gauge)
@@ -161,7 +162,8 @@ class Engine:
     def has_room(self, k: int = 1) -> bool:
         """Can k more sequences start or wait without exceeding the queue bound?"""
         sched = self.scheduler
-        queued = len(sched.waiting) + self.inbox.qsize() + k
+        # submissions not yet drained count as waiting; a pending abort or stop takes no room
+        queued = len(sched.waiting) + self._inbox_adds + k
         free_slots = max(0, sched.config.max_batch - len(sched.running))
         return queued <= sched.config.max_queue + free_slots
 
@@ -171,6 +173,7 @@ class Engine:
         seq = Sequence(request, emit)
         with self._pending_lock:
             self.pending += 1
+            self._inbox_adds += 1
         self.inbox.put(("add", seq))
         self.wake.set()
         return seq
@@ -461,6 +464,8 @@ class Engine:
         while not self.inbox.empty():
             kind, seq = self.inbox.get_nowait()
             if kind == "add":
+                with self._pending_lock:
+                    self._inbox_adds -= 1
                 self.metrics.prompt_tokens.inc(seq.num_prompt)
                 self.scheduler.waiting.append(seq)
             elif not seq.finished:

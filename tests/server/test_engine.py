@@ -413,3 +413,21 @@ def test_done_tokens_wait_for_a_shared_coda_only_when_another_can_finish_in_time
     assert not coda_ready(0, 2, [adaptive]) and coda_ready(2, 2, [adaptive])  # may exit any loop
     assert coda_ready(0, 0, [adaptive, near])  # no wait
     assert not coda_ready(50, None, [deep])  # lockstep: the caller waits for every token
+
+
+def test_pending_aborts_take_no_queue_room() -> None:
+    """Clients that disconnect put aborts in the engine's inbox; until the engine drains them
+    they must not count as waiting work (they did: a burst of disconnects answered new
+    requests 429 for ~0.3 s)."""
+    sched = SchedulerConfig(max_batch=2, max_queue=2, prefill_chunk=4)
+    engine = Engine(random_model(ZERO_INIT), EngineConfig(sched, kv_cache_bytes=8 * 2**20))
+    seqs = [engine.submit(greedy(2), lambda _: None) for _ in range(3)]
+    assert engine.has_room() and not engine.has_room(2)  # 2 may run, 2 may wait
+    engine._drain_inbox()  # the engine thread's step would do this (not started here)
+    assert engine.has_room() and not engine.has_room(2)
+    for seq in seqs:
+        engine.abort(seq)
+    assert engine.has_room() and not engine.has_room(2), "an abort took a place in the queue"
+    engine._drain_inbox()
+    assert engine.has_room(4)
+    engine.stop()  # its output relay's thread
