@@ -139,6 +139,11 @@ class ChatService:
             if name in CHAT_REFUSED_FIELDS and value not in CHAT_REFUSED_FIELDS[name]:
                 raise APIError(400, f"{name} is not supported by this server", param=name,
                                code="unsupported_parameter")  # fmt: skip
+        for m, message in enumerate(req.messages):
+            if part := message.unreadable_part():
+                raise APIError(400, f"{part[1]} content parts are not supported: this model "
+                               "reads text only", param=f"messages[{m}].content[{part[0]}]",
+                               code="unsupported_parameter")  # fmt: skip
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         fields = {

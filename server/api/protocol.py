@@ -6,7 +6,7 @@ import functools
 import time
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ErrorBody(BaseModel):
@@ -62,6 +62,9 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's; refused when true (see CompletionService)
+    # OpenAI's: random padding on stream events against length side channels; the openai SDK
+    # sends it. Accepted either way; this server sends no padding
+    include_obfuscation: bool = True
 
 
 # Known OpenAI / vLLM completion fields this server does not implement, with the values that mean
@@ -301,15 +304,38 @@ class TextPart(BaseModel):
     text: str
 
 
+class OtherPart(BaseModel):
+    """A content part this text-only server cannot read (image_url, input_audio, file, ...):
+    accepted by the schema so that the refusal can name it (`ChatMessage.unreadable_part`)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _not_text(cls, value: str) -> str:
+        if value == "text":  # a text part that TextPart refused: its error is the one to see
+            raise ValueError("a text part needs 'text', a string")
+        return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | OtherPart] | None = None
+
+    def unreadable_part(self) -> tuple[int, str] | None:
+        """(index, type) of the first content part that is not text, if any."""
+        if isinstance(self.content, list):
+            for i, part in enumerate(self.content):
+                if not isinstance(part, TextPart):
+                    return i, part.type
+        return None
 
     def text(self) -> str:
         """The content as one string; text parts joined by newlines, as vLLM joins them."""
         if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
+            return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
         return self.content or ""
 
 

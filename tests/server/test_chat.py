@@ -128,6 +128,46 @@ def test_chat_refuses_what_it_cannot_do(
     assert (r.json()["error"]["param"] or "").startswith(param)
 
 
+@pytest.mark.parametrize(
+    "part",
+    [{"type": "image_url", "image_url": {"url": "data:,"}},
+     {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+     {"type": "refusal", "refusal": "no"}],
+)  # fmt: skip
+def test_non_text_content_parts_are_refused_as_unsupported(
+    live_server: str, model: str, part: dict
+) -> None:
+    """An image or audio part is a feature this model lacks, not a malformed body: the 400 says
+    which part and why (it said "Input should be a valid string"), so a client can fall back."""
+    content = [{"type": "text", "text": "look:"}, part]
+    r = raw_chat(live_server, {"model": model, "max_tokens": 2,
+                               "messages": [{"role": "user", "content": content}]})  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "unsupported_parameter"
+    assert error["param"] == "messages[0].content[1]" and part["type"] in error["message"]
+
+
+def test_a_text_part_without_text_is_a_validation_error(live_server: str, model: str) -> None:
+    content = [{"type": "text"}]
+    r = raw_chat(live_server, {"model": model, "max_tokens": 2,
+                               "messages": [{"role": "user", "content": content}]})  # fmt: skip
+    assert r.status_code == 400, r.text  # malformed, not a missing feature
+    assert r.json()["error"]["code"] != "unsupported_parameter"
+
+
+@pytest.mark.parametrize("obfuscate", [False, True])
+def test_stream_options_include_obfuscation_is_accepted(
+    client: openai.OpenAI, model: str, obfuscate: bool
+) -> None:
+    """The openai SDK's `include_obfuscation` (OpenAI's padding against length side channels)
+    was a 400 "Extra inputs are not permitted", even at false."""
+    options = {"include_usage": True, "include_obfuscation": obfuscate}
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, stream=True,
+                                                 max_completion_tokens=3, stream_options=options))  # fmt: skip
+    assert chunks[-1].usage.completion_tokens == 3
+
+
 def test_fields_the_chat_endpoint_sets_itself_cannot_collide(live_server: str, model: str) -> None:
     """Found by the schema fuzzer: a client's return_tokens_as_token_ids or stray `prompt` must
     not reach the completions request twice (a 500)."""
