@@ -314,7 +314,7 @@ class OtherPart(BaseModel):
     @field_validator("type")
     @classmethod
     def _not_text(cls, value: str) -> str:
-        if value == "text":  # a text part that TextPart refused: its error is the one to see
+        if value == "text":  # a text part TextPart refused is malformed, not unsupported
             raise ValueError("a text part needs 'text', a string")
         return value
 
