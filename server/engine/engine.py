@@ -91,7 +91,6 @@ class Engine:
         self._outbox: list[tuple[Callable[[StepOutput], None], StepOutput]] = []
         self._stop = False
         self.pending = 0  # submitted and not yet finished (read by the SIGTERM drain)
-        self._inbox_adds = 0  # "add" messages in the inbox (has_room counts them as waiting)
         self._pending_lock = threading.Lock()
         self._counted = (0, 0, 0)  # prefix queries, hits, preemptions already in the metrics
         self._spec_totals = [0, 0]  # tokens drafted, accepted (for the acceptance-rate gauge)
@@ -162,8 +161,9 @@ class Engine:
     def has_room(self, k: int = 1) -> bool:
         """Can k more sequences start or wait without exceeding the queue bound?"""
         sched = self.scheduler
-        # submissions not yet drained count as waiting; a pending abort or stop takes no room
-        queued = len(sched.waiting) + self._inbox_adds + k
+        # every unfinished sequence not running waits, in the scheduler or not yet drained from
+        # the inbox; a pending abort or stop in the inbox takes no room
+        queued = self.pending - len(sched.running) + k
         free_slots = max(0, sched.config.max_batch - len(sched.running))
         return queued <= sched.config.max_queue + free_slots
 
@@ -173,7 +173,6 @@ class Engine:
         seq = Sequence(request, emit)
         with self._pending_lock:
             self.pending += 1
-            self._inbox_adds += 1
         self.inbox.put(("add", seq))
         self.wake.set()
         return seq
@@ -464,8 +463,6 @@ class Engine:
         while not self.inbox.empty():
             kind, seq = self.inbox.get_nowait()
             if kind == "add":
-                with self._pending_lock:
-                    self._inbox_adds -= 1
                 self.metrics.prompt_tokens.inc(seq.num_prompt)
                 self.scheduler.waiting.append(seq)
             elif not seq.finished:
